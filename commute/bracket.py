@@ -18,12 +18,12 @@ scalar tensor. Nothing here knows about data, models or training. Conventions fo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-Params = Union[Tensor, Mapping[str, Tensor]]
+Params = Tensor | Mapping[str, Tensor]
 Loss = Callable[[Params], Tensor]
 HvpMode = Literal["rev-rev", "fwd-rev"]
 
