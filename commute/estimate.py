@@ -1,0 +1,707 @@
+"""The bracket estimator on real models: P(L_i, L_j; L) from mini-batches, unbiased, with a stderr.
+
+The quantity (paper eq. 6-7 with the sign of DESIGN.md §1) is, for domains i, j and a target loss L,
+
+    P(L_i, L_j; L) = <R(L_i, L_j), g_L> = g_L . H_j g_i - g_L . H_i g_j,
+
+where g_k, H_k are the gradient and Hessian of the *population* loss L_k of domain k. Under gradient flow,
+training dt on i then dt on j instead of 2 dt on the 50/50 mix changes L by (dt^2 / 2) P (Theorem 3.1); P > 0
+means the order i -> j hurts L (and j -> i helps).
+
+Estimation (DESIGN.md §1, "Estimation under noise"). We only see mini-batches, so every factor is noisy, and
+a product of two estimates from the *same* batches is biased (e.g. g_i . H_j g_i picks up tr(H_j Cov g_i)).
+:class:`BracketEstimator` therefore builds each product from three *independent* estimates:
+
+* the target gradient g_L from gradient batches "A" (g_L^A = sum_k c_k g_k^A for a target L = sum_k c_k L_k),
+* the gradient inside the bracket g_i from separate gradient batches "B",
+* the Hessian H_j from separate HVP batches,
+
+so E[g_L^A . H_j^hvp g_i^B] = g_L . H_j g_i exactly (the expectation of a product of independent factors is
+the product of expectations, and each factor is linear in the batch losses). To get a standard error that
+includes *all* of this noise (gradient noise in both factors and Hessian noise), the batches are split into
+G independent groups; each group has its own A half, B half and HVP batches and yields an unbiased P_g. We
+report mean(P_g) and std(P_g) / sqrt(G): the P_g are i.i.d., so this stderr is calibrated, and (mean - P) /
+stderr follows roughly a Student t with G - 1 degrees of freedom (:meth:`Estimate.interval`).
+
+Trade-off for G (``n_groups``, default 10): more groups give a better-determined stderr (more degrees of
+freedom), but each group then uses fewer batches, and the second-order noise terms of a product (noise x
+noise, e.g. eps_A . H eps_B) have variance ~ 1 / (batches per group)^2, so the total variance grows roughly
+like G when gradient noise dominates. With fewer groups the mean is sharper but its stderr is noisier.
+
+HVP cost (DESIGN.md §1). By the symmetry of H_k, g_L . H_k g_i = (H_k g_L) . g_i, so per HVP batch (one batch
+of every domain) either K(K-1) products H_j g_i^B ("pairs": any target afterwards, by linearity in g_L) or
+K*M products H_k g_L^A ("targets", M targets) suffice; ``mode="auto"`` takes the fewer. The vectors that hit
+the same domain Hessian share one double-backward graph: one ``create_graph=True`` backward per domain per
+HVP batch, then one ``autograd.grad`` per vector with ``retain_graph`` (about 1.4x a gradient each on CPU,
+DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from commute.errors import CommuteError
+
+__all__ = ["Estimate", "BracketEstimator", "BracketReport", "LossFn", "DEFAULT_MIX_NAME"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch) -> Tensor``: see :class:`BracketEstimator` for the exact contract."""
+
+Mode = Literal["auto", "pairs", "targets"]
+TargetsArg = Sequence[str] | Mapping[str, Mapping[str, float]] | None
+
+DEFAULT_MIX_NAME = "mix"
+"""Name of the default uniform-mixture target (``"uniform_mix"`` if a domain is itself called "mix")."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimate
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    """A noisy scalar: ``mean`` +- ``stderr`` from ``n`` independent replicates (groups).
+
+    ``stderr`` is std(replicates) / sqrt(n), so ``z = mean / stderr`` is roughly Student-t with n - 1 degrees
+    of freedom under the null "true value is 0".
+    """
+
+    mean: float
+    stderr: float
+    n: int
+
+    @property
+    def z(self) -> float:
+        """mean / stderr (+-inf if stderr is 0 and mean is not, nan if both are 0)."""
+        if self.stderr > 0:
+            return self.mean / self.stderr
+        if self.mean == 0 or math.isnan(self.mean) or math.isnan(self.stderr):
+            return math.nan
+        return math.copysign(math.inf, self.mean)
+
+    @property
+    def df(self) -> int:
+        """Degrees of freedom of the stderr (n - 1)."""
+        return max(self.n - 1, 0)
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Two-sided Student-t confidence interval mean +- t_{level, n-1} * stderr."""
+        from scipy.stats import t as student_t
+
+        if self.df < 1:
+            return (math.nan, math.nan)
+        half = float(student_t.ppf(0.5 + level / 2, self.df)) * self.stderr
+        return (self.mean - half, self.mean + half)
+
+    @classmethod
+    def from_samples(cls, values: np.ndarray) -> Estimate:
+        """Mean and std/sqrt(n) of i.i.d. replicates."""
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        n = int(v.size)
+        se = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        return cls(float(np.mean(v)) if n else math.nan, se, n)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "stderr": self.stderr, "n": self.n, "z": self.z}
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3e} ± {self.stderr:.2e} (z={self.z:+.1f})"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _default_targets(domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    targets = {d: {d: 1.0} for d in domains}
+    mix = DEFAULT_MIX_NAME if DEFAULT_MIX_NAME not in domains else "uniform_mix"
+    targets[mix] = {d: 1.0 / len(domains) for d in domains}
+    return targets
+
+
+def _weights_vector(weights: Mapping[str, float], domains: Sequence[str], what: str) -> np.ndarray:
+    unknown = sorted(set(weights) - set(domains))
+    if unknown:
+        raise CommuteError(f"{what} names unknown domain(s) {unknown}; known domains are {list(domains)}.")
+    vec = np.array([float(weights.get(d, 0.0)) for d in domains], dtype=np.float64)
+    if not np.all(np.isfinite(vec)):
+        raise CommuteError(f"{what} has non-finite weights {dict(weights)}.")
+    return vec
+
+
+def _resolve_targets(targets: TargetsArg, domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    if targets is None:
+        return _default_targets(domains)
+    if isinstance(targets, str):
+        targets = [targets]
+    default = _default_targets(domains)
+    out: dict[str, dict[str, float]] = {}
+    if isinstance(targets, Mapping):
+        for name, w in targets.items():
+            if not isinstance(w, Mapping):
+                raise CommuteError(f"target {name!r} must be a dict of domain weights, "
+                                   f"got {type(w).__name__}.")
+            vec = _weights_vector(w, domains, f"target {name!r}")
+            if not np.any(vec):
+                raise CommuteError(f"target {name!r} has all-zero weights.")
+            out[str(name)] = {d: float(x) for d, x in zip(domains, vec, strict=True) if x != 0.0}
+    else:
+        for name in targets:
+            if name not in default:
+                raise CommuteError(f"unknown target {name!r}; use a domain name, {list(default)[-1]!r}, "
+                                   "or a dict name -> domain weights.")
+            out[name] = default[name]
+    if not out:
+        raise CommuteError("no targets given; pass None for the defaults (each domain plus the uniform mix).")
+    return out
+
+
+def _to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move tensors (also inside dicts, lists, tuples) to ``device``; floating tensors take ``dtype``."""
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device, dtype) for v in batch))
+    if isinstance(batch, tuple):
+        return tuple(_to_device(v, device, dtype) for v in batch)
+    if isinstance(batch, list):
+        return [_to_device(v, device, dtype) for v in batch]
+    if hasattr(batch, "to") and callable(batch.to):  # e.g. transformers.BatchEncoding
+        return batch.to(device)
+    return batch
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """<a, b> over a list of parameter-shaped tensors, accumulated in float64."""
+    return float(sum(torch.dot(x.reshape(-1), y.reshape(-1)).double() for x, y in zip(a, b, strict=True)))
+
+
+def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """sum_k ws[k] * vecs[k] (parameter-shaped lists)."""
+    out = [torch.zeros_like(t) for t in vecs[0]]
+    for w, vec in zip(ws, vecs, strict=True):
+        if w != 0.0:
+            for o, t in zip(out, vec, strict=True):
+                o.add_(t, alpha=float(w))
+    return out
+
+
+def _sdpa_math() -> Any:
+    """Restrict scaled_dot_product_attention to the MATH backend (double backward works; DESIGN.md §2)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+# --------------------------------------------------------------------------------------------------
+# the estimator
+# --------------------------------------------------------------------------------------------------
+class BracketEstimator:
+    """Unbiased estimates of P(L_i, L_j; L) for all ordered domain pairs and targets, with a stderr.
+
+    Args:
+        model: any ``nn.Module`` (e.g. a Hugging Face ``GPT2LMHeadModel``). It is never moved or cast: batches
+            are moved to the device of its first parameter, floating batch tensors cast to its dtype. During
+            :meth:`estimate` it is put in ``eval()`` mode (dropout off, so the losses are deterministic
+            functions of the parameters) and its previous mode is restored afterwards. Its ``.grad`` fields
+            are not touched (everything goes through ``torch.autograd.grad``).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the contract:
+
+            * returns a 0-d tensor, the **mean** loss over the batch's examples (tokens), so that its
+              expectation over random batches of a domain is that domain's population loss L_k;
+            * computed by calling ``model`` on the (already moved) batch, twice differentiable with respect
+              to the parameters (avoid in-place tricks on activations, ``torch.no_grad``, ``.detach()``);
+            * deterministic given the batch and the parameters; no ``backward()``, no parameter updates.
+
+            For float64 checks compute the cross-entropy yourself (Hugging Face's loss casts logits to
+            float32; DESIGN.md §2), e.g. ``commute.model.lm_loss``.
+        domains: name -> iterable of batches (a tensor, or a dict / tuple / list of tensors). The batches of
+            a domain must be independent random draws (e.g. ``TokenizedDomain.batches(...)``), which is what
+            makes the estimate unbiased. Each :meth:`estimate` calls ``iter()`` on every iterable again: an
+            infinite iterator/generator continues where it stopped, a list starts over.
+        parameters: the parameters to take the bracket over (default: every parameter with
+            ``requires_grad``, tied tensors counted once, as ``model.parameters()`` lists them).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        domains: Mapping[str, Iterable[Any]],
+        *,
+        parameters: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise CommuteError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise CommuteError("loss_fn must be callable as loss_fn(model, batch) -> scalar mean loss.")
+        if len(domains) < 2:
+            raise CommuteError(f"the bracket needs at least two domains, got {list(domains)}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.domains: dict[str, Iterable[Any]] = {str(k): v for k, v in domains.items()}
+        ps = list(model.parameters()) if parameters is None else list(parameters)
+        seen: set[int] = set()
+        self.params: list[nn.Parameter] = []
+        for p in ps:  # one copy per tensor (tied GPT-2 embeddings, DESIGN.md §2)
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+        if not self.params:
+            raise CommuteError("the model has no parameters with requires_grad=True to take the bracket "
+                               "over.")
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.n_hvp = 0  # lifetime counters
+        self.n_grad = 0
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return tuple(self.domains)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # ---- one batch ---------------------------------------------------------------------------------
+    def _loss(self, name: str, it: Iterator[Any], index: int) -> Tensor:
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise CommuteError(f"domain {name!r} ran out of batches after {index}; give an infinite iterator "
+                               "or more batches, or ask for fewer.") from None
+        loss = self.loss_fn(self.model, _to_device(batch, self.device, self.dtype))
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise CommuteError(f"loss_fn must return a 0-d tensor (the mean loss), got {shape}.")
+        if not loss.requires_grad:
+            raise CommuteError("loss_fn's result does not depend on the model's parameters "
+                               "(is it computed under torch.no_grad() or detached?).")
+        if not torch.isfinite(loss):
+            raise CommuteError(f"loss_fn returned a non-finite loss ({loss.item()}) on domain {name!r}.")
+        return loss
+
+    def _grad(self, loss: Tensor) -> list[Tensor]:
+        gs = torch.autograd.grad(loss, self.params, allow_unused=True)
+        self.n_grad += 1
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, gs, strict=True)]
+
+    def _hvps(self, loss: Tensor, vectors: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+        """H v for every v in ``vectors``, one double-backward graph (create_graph once, retain_graph)."""
+        gs = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        live = [n for n, g in enumerate(gs) if g is not None and g.requires_grad]
+        out: list[list[Tensor]] = []
+        for m, v in enumerate(vectors):
+            if not live:  # the loss is linear in the parameters: H = 0
+                out.append([torch.zeros_like(p) for p in self.params])
+                continue
+            hv = torch.autograd.grad(
+                [gs[n] for n in live], self.params, grad_outputs=[v[n] for n in live],
+                retain_graph=m < len(vectors) - 1, allow_unused=True,
+            )
+            self.n_hvp += 1
+            out.append([torch.zeros_like(p) if h is None else h
+                        for p, h in zip(self.params, hv, strict=True)])
+        return out
+
+    def _mean_grad(self, name: str, it: Iterator[Any], n: int, start: int, losses: list[float],
+                   tick: Callable[[], None]) -> list[Tensor]:
+        acc = [torch.zeros_like(p) for p in self.params]
+        for b in range(n):
+            loss = self._loss(name, it, start + b)
+            losses.append(float(loss.detach()))
+            for a, g in zip(acc, self._grad(loss), strict=True):
+                a.add_(g)
+            tick()
+        for a in acc:
+            a.div_(n)
+        return acc
+
+    # ---- the estimate ------------------------------------------------------------------------------
+    def estimate(
+        self,
+        n_grad_batches: int = 100,
+        n_hvp_batches: int = 100,
+        targets: TargetsArg = None,
+        *,
+        n_groups: int = 10,
+        mode: Mode = "auto",
+        progress: bool = False,
+    ) -> BracketReport:
+        """Estimate P(L_i, L_j; L) for every ordered pair of domains and every target.
+
+        Args:
+            n_grad_batches: gradient batches drawn from *each* domain (split into ``n_groups`` groups, each
+                into an A half for the target gradient and a B half for the gradient inside the bracket;
+                the paper used 100).
+            n_hvp_batches: Hessian batches drawn from *each* domain, split into ``n_groups`` groups.
+                Counts are floored to multiples of 2G and G; the report states the numbers used.
+            targets: None for each domain's own loss plus the uniform mixture (named ``"mix"``), a list of
+                those names, or a dict name -> domain weights, e.g. ``{"en": {"en": 1.0}, "avg": {"en": .5,
+                "ru": .5}}`` (a target L = sum_k c_k L_k).
+            n_groups: G independent groups; stderr = std over groups / sqrt(G) (see the module docstring).
+            mode: ``"pairs"`` (K(K-1) HVPs per HVP batch, any target afterwards), ``"targets"`` (K*M HVPs),
+                or ``"auto"`` for the fewer.
+            progress: show a rich progress bar on stderr.
+
+        Each batch of a domain is used exactly once: in group g, for each domain, first the A batches,
+        then the B batches, then the HVP batches.
+        """
+        names = self.domain_names
+        K = len(names)
+        named_targets = _resolve_targets(targets, names)
+        M = len(named_targets)
+        if mode == "auto":
+            mode = "targets" if K * M < K * (K - 1) else "pairs"
+        if mode not in ("pairs", "targets"):
+            raise CommuteError(f"unknown mode {mode!r}; use 'auto', 'pairs' or 'targets'.")
+        G = int(n_groups)
+        if G < 2:
+            raise CommuteError(f"n_groups must be at least 2 to give a standard error, got {n_groups}.")
+        n_half = int(n_grad_batches) // (2 * G)
+        n_h = int(n_hvp_batches) // G
+        if n_half < 1 or n_h < 1:
+            raise CommuteError(f"with n_groups={G}, need n_grad_batches >= {2 * G} and n_hvp_batches >= {G} "
+                               f"(got {n_grad_batches} and {n_hvp_batches}); lower n_groups or add batches.")
+        W = np.stack([_weights_vector(w, names, f"target {t!r}") for t, w in named_targets.items()])  # [M, K]
+        basis = np.eye(K) if mode == "pairs" else W  # the targets stored per group
+        T = basis.shape[0]
+        p_groups = np.zeros((G, K, K, T))
+        loss_groups = np.zeros((G, K))
+        iters = {name: iter(self.domains[name]) for name in names}
+        used = dict.fromkeys(names, 0)
+        hvp0, grad0 = self.n_hvp, self.n_grad
+        t0 = time.perf_counter()
+
+        was_training = self.model.training
+        with ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(_sdpa_math())
+            bar = _Progress(progress, G * K * (2 * n_half + n_h), f"bracket ({mode}, K={K})")
+            stack.enter_context(bar)
+            self.model.eval()
+            stack.callback(self.model.train, was_training)
+            for g in range(G):
+                A, B = [], []
+                for k, name in enumerate(names):
+                    losses: list[float] = []
+                    A.append(self._mean_grad(name, iters[name], n_half, used[name], losses, bar.tick))
+                    B.append(self._mean_grad(name, iters[name], n_half, used[name] + n_half, losses,
+                                             bar.tick))
+                    used[name] += 2 * n_half
+                    loss_groups[g, k] = float(np.mean(losses))
+                # S[t, j, i] = mean_h  c_t-target-gradient^A . H_j^h g_i^B  (i != j)
+                S = np.zeros((T, K, K))
+                targ = [_combine(W[m], A) for m in range(M)] if mode == "targets" else []
+                for _ in range(n_h):
+                    for j, name in enumerate(names):
+                        loss = self._loss(name, iters[name], used[name])
+                        used[name] += 1
+                        others = [i for i in range(K) if i != j]
+                        if mode == "pairs":  # H_j B_i for i != j, dotted with every A_k
+                            for i, hv in zip(others, self._hvps(loss, [B[i] for i in others]), strict=True):
+                                for t in range(T):
+                                    S[t, j, i] += _dot(A[t], hv)
+                        else:  # H_j (sum_k c_mk A_k) for every target m, dotted with every B_i
+                            for t, hv in enumerate(self._hvps(loss, targ)):
+                                for i in others:
+                                    S[t, j, i] += _dot(hv, B[i])
+                        del loss
+                        bar.tick()
+                S /= n_h
+                # P(i, j; t) = g_t . H_j g_i - g_t . H_i g_j
+                p_groups[g] = np.einsum("tji->ijt", S) - np.einsum("tij->ijt", S)
+                del A, B, targ
+
+        hvp_per_batch = K * (K - 1) if mode == "pairs" else K * M
+        n_hvp = self.n_hvp - hvp0
+        assert n_hvp == G * n_h * hvp_per_batch, (n_hvp, G, n_h, hvp_per_batch)
+        return BracketReport(
+            domains=names,
+            targets=named_targets,
+            basis_weights=basis,
+            p_groups=p_groups,
+            loss_groups=loss_groups,
+            n_groups=G,
+            grad_batches=2 * n_half * G,
+            hvp_batches=n_h * G,
+            mode=mode,
+            n_hvp=n_hvp,
+            hvp_per_batch=hvp_per_batch,
+            n_grad=self.n_grad - grad0,
+            seconds=time.perf_counter() - t0,
+            meta={"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                  "n_params": self.n_params},
+        )
+
+
+class _Progress:
+    """A rich progress bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.label = label
+        self._p: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("batches"), TimeRemainingColumn(), console=Console(stderr=True),
+                               transient=True)
+            self._p.__enter__()
+            self._task = self._p.add_task(self.label, total=self.total)
+        return self
+
+    def tick(self) -> None:
+        if self._p is not None:
+            self._p.advance(self._task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class BracketReport:
+    """Result of :meth:`BracketEstimator.estimate`.
+
+    The per-group estimates are kept (``p_groups[g, i, j, t]`` = P(domain i, domain j; basis target t) in
+    group g; ``basis_weights[t]`` are the domain weights of basis target t), so every derived quantity gets
+    its stderr from the same groups and thereby the right covariances. In ``"pairs"`` mode the basis is each
+    domain's own loss, so any target sum_k c_k L_k can be asked for afterwards; in ``"targets"`` mode the
+    basis is the requested targets and any target in their span can be asked for.
+    """
+
+    domains: tuple[str, ...]
+    targets: dict[str, dict[str, float]]
+    basis_weights: np.ndarray
+    p_groups: np.ndarray
+    loss_groups: np.ndarray
+    n_groups: int
+    grad_batches: int
+    hvp_batches: int
+    mode: str
+    n_hvp: int
+    hvp_per_batch: int
+    n_grad: int = 0
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- lookups -----------------------------------------------------------------------------------
+    def _index(self, d: str) -> int:
+        try:
+            return self.domains.index(d)
+        except ValueError:
+            raise CommuteError(f"unknown domain {d!r}; known domains are {list(self.domains)}.") from None
+
+    def _coefficients(self, target: str | Mapping[str, float]) -> np.ndarray:
+        """Coefficients a with target weights = a @ basis_weights."""
+        if isinstance(target, str):
+            if target not in self.targets:
+                raise CommuteError(f"unknown target {target!r}; estimated targets are {list(self.targets)} "
+                                   "(or pass a dict of domain weights).")
+            target = self.targets[target]
+        c = _weights_vector(target, self.domains, f"target {dict(target)}")
+        a, *_ = np.linalg.lstsq(self.basis_weights.T, c, rcond=None)
+        if not np.allclose(a @ self.basis_weights, c, rtol=1e-9, atol=1e-12):
+            raise CommuteError(f"target {dict(target)} is not a combination of the estimated targets "
+                               f"{list(self.targets)}; estimate it (or use mode='pairs').")
+        return a
+
+    def p_samples(self, i: str, j: str, target: str | Mapping[str, float]) -> np.ndarray:
+        """The G per-group estimates of P(L_i, L_j; target)."""
+        return self.p_groups[:, self._index(i), self._index(j), :] @ self._coefficients(target)
+
+    def P(self, i: str, j: str, target: str | Mapping[str, float]) -> Estimate:
+        """P(L_i, L_j; L) = g_L . H_j g_i - g_L . H_i g_j (paper eq. 7, DESIGN.md sign) with its stderr.
+
+        ``target`` is a target name (see ``report.targets``) or a dict of domain weights. P > 0: training
+        i then j raises L compared with mixing them (Theorem 3.1: by (dt^2/2) P under gradient flow).
+        """
+        return Estimate.from_samples(self.p_samples(i, j, target))
+
+    def loss(self, domain: str) -> Estimate:
+        """The domain's mean loss over the gradient batches used (not a held-out evaluation)."""
+        return Estimate.from_samples(self.loss_groups[:, self._index(domain)])
+
+    def predict_excess_loss(
+        self,
+        i: str,
+        j: str,
+        target: str | Mapping[str, float],
+        delta_w: float,
+        steps: int,
+        lr: float,
+        weights: Mapping[str, float] | None = None,
+    ) -> Estimate:
+        """Leading-order excess loss of a reordering intervention with plain SGD steps (DESIGN.md §1).
+
+        The intervention (paper eq. 9/10, Cor. 3.2a): starting from the constant mix ``weights`` w, use
+        w_i + delta_w, w_j - delta_w for ``steps`` = T steps, then w_i - delta_w, w_j + delta_w for T steps;
+        compare the target loss L with 2T steps at w. With learning rate gamma (eps = gamma T):
+
+            EL ~= delta_w * eps^2 * P(X, Y; L),   X = L_i - L_j,  Y = sum_k w_k L_k,
+            P(X, Y; L) = sum_k w_k [P(L_i, L_k; L) - P(L_j, L_k; L)]   (bilinearity),
+
+        which for two domains is gamma^2 delta_w T^2 P(L_i, L_j; L) whatever w is. The stderr is computed
+        from the same combination per group, so it includes the covariances of the P's combined.
+
+        Only the antisymmetric part (EL^ij - EL^ji) / 2 is predicted: with discrete steps a term of order
+        gamma^2 T delta_w^2 adds to both orders. The expansion holds as gamma T lambda_max -> 0; for Adam or
+        long horizons trust the sign, not the magnitude.
+
+        Args:
+            weights: the base mix w (default uniform over all domains); w_i, w_j +- delta_w must stay
+                in [0, 1].
+        """
+        ii, jj = self._index(i), self._index(j)
+        K = len(self.domains)
+        w = (np.full(K, 1.0 / K) if weights is None
+             else _weights_vector(weights, self.domains, "weights"))
+        if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6:
+            raise CommuteError(f"weights must be non-negative and sum to 1, got {w.tolist()}.")
+        if steps < 0 or lr <= 0:
+            raise CommuteError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}.")
+        for idx in (ii, jj):
+            if not (0.0 <= w[idx] - abs(delta_w) and w[idx] + abs(delta_w) <= 1.0):
+                raise CommuteError(f"delta_w={delta_w} pushes the weight of {self.domains[idx]!r} "
+                                   f"({w[idx]:g}) outside [0, 1].")
+        a = self._coefficients(target)
+        per_pair = self.p_groups @ a  # [G, K, K]: P(k, l; target) per group
+        pxy = np.einsum("k,gk->g", w, per_pair[:, ii, :] - per_pair[:, jj, :])
+        eps = lr * steps
+        return Estimate.from_samples(delta_w * eps**2 * pxy)
+
+    # ---- (de)serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict: settings, the per-group samples, and a summary of every P (pair i < j)."""
+        summary = []
+        for a in range(len(self.domains)):
+            for b in range(a + 1, len(self.domains)):
+                i, j = self.domains[a], self.domains[b]
+                for t in self.targets:
+                    summary.append({"i": i, "j": j, "target": t, **self.P(i, j, t).to_dict()})
+        return {
+            "format": "commute.bracket_report/1",
+            "domains": list(self.domains),
+            "targets": self.targets,
+            "mode": self.mode,
+            "n_groups": self.n_groups,
+            "grad_batches": self.grad_batches,
+            "hvp_batches": self.hvp_batches,
+            "n_hvp": self.n_hvp,
+            "hvp_per_batch": self.hvp_per_batch,
+            "n_grad": self.n_grad,
+            "seconds": self.seconds,
+            "meta": self.meta,
+            "P": summary,
+            "losses": {d: self.loss(d).to_dict() for d in self.domains},
+            "basis_weights": self.basis_weights.tolist(),
+            "p_groups": self.p_groups.tolist(),
+            "loss_groups": self.loss_groups.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BracketReport:
+        """Inverse of :meth:`to_dict` (the summary is recomputed from the samples)."""
+        try:
+            return cls(
+                domains=tuple(d["domains"]),
+                targets={k: dict(v) for k, v in d["targets"].items()},
+                basis_weights=np.asarray(d["basis_weights"], dtype=np.float64),
+                p_groups=np.asarray(d["p_groups"], dtype=np.float64),
+                loss_groups=np.asarray(d["loss_groups"], dtype=np.float64),
+                n_groups=int(d["n_groups"]),
+                grad_batches=int(d["grad_batches"]),
+                hvp_batches=int(d["hvp_batches"]),
+                mode=str(d["mode"]),
+                n_hvp=int(d["n_hvp"]),
+                hvp_per_batch=int(d["hvp_per_batch"]),
+                n_grad=int(d.get("n_grad", 0)),
+                seconds=float(d.get("seconds", 0.0)),
+                meta=dict(d.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CommuteError(f"not a bracket report (missing or bad field: {e}).") from None
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_dict` as JSON (atomically: temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> BracketReport:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CommuteError(f"cannot read bracket report {str(path)!r}: {e}.") from None
+
+    # ---- display -----------------------------------------------------------------------------------
+    def _rows(self) -> list[tuple[str, str, list[Estimate]]]:
+        rows = []
+        for a in range(len(self.domains)):
+            for b in range(a + 1, len(self.domains)):
+                i, j = self.domains[a], self.domains[b]
+                rows.append((i, j, [self.P(i, j, t) for t in self.targets]))
+        return rows
+
+    def _footer(self) -> str:
+        return (f"{self.n_groups} groups; per domain {self.grad_batches} gradient + {self.hvp_batches} HVP "
+                f"batches; {self.n_hvp} HVPs ({self.hvp_per_batch} per HVP batch, mode {self.mode!r}); "
+                f"{self.seconds:.1f} s. stderr = std over groups / sqrt({self.n_groups}). "
+                "P(i, j; L) > 0: i then j raises L (prefer j then i).")
+
+    def __str__(self) -> str:
+        head = ["P(i, j; L)"] + list(self.targets)
+        body = [[f"{i} -> {j}"] + [f"{e.mean:+.3e} ± {e.stderr:.1e} (z={e.z:+.1f})" for e in ests]
+                for i, j, ests in self._rows()]
+        widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
+        fmt = "  ".join(f"{{:<{w}}}" if c == 0 else f"{{:>{w}}}" for c, w in enumerate(widths))
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in body]
+        return "\n".join(lines + ["", self._footer()])
+
+    def rich_table(self) -> Any:
+        """The same table as ``str(report)`` as a ``rich.table.Table`` (|z| >= 2 in bold)."""
+        from rich.table import Table
+
+        table = Table(title="Lie-bracket projections P(i, j; L)", caption=self._footer(),
+                      caption_justify="left")
+        table.add_column("i -> j")
+        for t in self.targets:
+            table.add_column(f"L = {t}", justify="right")
+        for i, j, ests in self._rows():
+            cells = []
+            for e in ests:
+                s = f"{e.mean:+.3e} ± {e.stderr:.1e} (z={e.z:+.1f})"
+                cells.append(f"[bold]{s}[/bold]" if abs(e.z) >= 2 else s)
+            table.add_row(f"{i} -> {j}", *cells)
+        return table
