@@ -116,6 +116,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _OVERSTRIKE = re.compile(r"[^\x08\n]\x08")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _ATTRIBUTION = re.compile(r"^\s+(--|—|―|–)")
+_TRAILING_ATTRIBUTION = re.compile(r"^--\s*[\"'(]?(\w)")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 
 
@@ -161,7 +162,8 @@ def parse_fortunes(text: str) -> list[str]:
     spaces/tabs collapsed to one space and stripped, blank lines dropped. Removed: terminal escape
     sequences (colours), overstrike sequences (``_\\bX`` -> ``X``), other control characters,
     attribution lines (a line after the first that starts with whitespace then ``--`` or a dash ``—``,
-    together with the indented lines continuing it), and fortunes left empty.
+    together with the indented lines continuing it; or, among a fortune's last three lines, an
+    unindented ``-- Capitalised`` line and everything after it), and fortunes left empty.
     """
     text = _ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     while True:
@@ -176,10 +178,16 @@ def parse_fortunes(text: str) -> list[str]:
     def flush() -> None:
         kept: list[str] = []
         in_attr = False
-        for i, line in enumerate(chunk):
+        lines = chunk
+        while lines and not lines[-1].strip():
+            lines = lines[:-1]
+        for i, line in enumerate(lines):
             if i > 0 and _ATTRIBUTION.match(line):
                 in_attr = True
                 continue
+            m = _TRAILING_ATTRIBUTION.match(line)
+            if i > 0 and m and m.group(1)[0].isupper() and len(lines) - i <= 3:
+                break  # unindented "-- Author, Title" closing the fortune: drop it and what follows
             if in_attr and line[:1].isspace() and line.strip():
                 continue  # continuation of an attribution ("--- Author,\n      Title, 1987")
             in_attr = False
