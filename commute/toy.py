@@ -191,7 +191,10 @@ def setup_problem(cfg: ToyConfig) -> tuple[Quadratic, Quadratic, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ToyResult:
-    """Rows of the reproduced Table 1 (one per (t, Δt)); see :func:`run_toy`."""
+    """Rows of the reproduced Table 1 (one per (t, Δt)); see :func:`run_toy`.
+
+    ``samples`` holds the per-start ratios (``"ratio@t=0.1,dt=0.001"``, ``"antisym@..."``); not in the JSON.
+    """
 
     rows: list[dict[str, float]]
     config: ToyConfig
@@ -317,6 +320,7 @@ def run_toy(
                 "paper_range": None if paper is None else paper[1],
             })  # fmt: skip
     samples = {f"ratio@t={t:g},dt={dt:g}": v for (t, dt), v in ratio.items()}
+    samples.update({f"antisym@t={t:g},dt={dt:g}": v for (t, dt), v in antisym.items()})
     result = ToyResult(rows=rows, config=cfg, samples=samples)
 
     if json_path is not None:
