@@ -631,21 +631,19 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's output function (Steele et al. 2014), vectorised; uint64 arithmetic wraps."""
-    z = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+    z = x.astype(np.uint64, copy=True)  # array (not scalar) uint64 ops wrap silently
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
     return z
 
 
 def _stream(key: int, start: int, n: int) -> np.ndarray:
     """Values start..start+n-1 of the SplitMix64 sequence seeded by ``key`` (counter-based: O(1) jumps)."""
     idx = np.arange(start + 1, start + n + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        return _splitmix64(np.uint64(key) + idx * _GOLDEN)
+    return _splitmix64(idx * _GOLDEN + np.uint64(key))
 
 
 def _uniforms(key: int, start: int, n: int) -> np.ndarray:
@@ -897,6 +895,7 @@ class MixtureSampler:
             d._check_len(d.train, self.seq_len, "train")
         self._n_starts = [np.uint64(len(d.train) - self.seq_len + 1) for d in self.domains.values()]
         self._keys = [_key("domain-stream", self.seed, n) for n in self.domain_names]
+        self._step_key = _key("step", self.seed)
         self._offsets = np.arange(self.seq_len, dtype=np.int64)
         dtypes = {d.train.dtype for d in self.domains.values()}
         self._dtype = np.result_type(*dtypes) if dtypes else np.int64
@@ -907,7 +906,7 @@ class MixtureSampler:
     # the per-step uniforms: public so that tests and tools can check the CRN property
     def uniforms(self, step: int) -> np.ndarray:
         """The B+1 uniforms of step ``step``: u_1..u_B assign rows, the last one is the exact-mode offset."""
-        return _uniforms(_key("step", self.seed), step * (self.batch_size + 1), self.batch_size + 1)
+        return _uniforms(self._step_key, step * (self.batch_size + 1), self.batch_size + 1)
 
     def assign(self, weights: Mapping[str, float], step: int) -> np.ndarray:
         """The domain index of every row at ``step`` under ``weights`` (no tokens drawn, no state change)."""
