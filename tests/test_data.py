@@ -497,3 +497,32 @@ def test_fetch_fortunes_ru_from_debian(tmp_path) -> None:
         assert fetch_fortunes(["ru"], cache_dir=tmp_path)["ru"] == path
     finally:
         data_mod._apt_download = orig
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_info_and_errors(tmp_path, monkeypatch, capsys) -> None:
+    from commute.cli import main
+
+    monkeypatch.setenv("COMMUTE_CACHE", str(tmp_path / "default-cache"))
+    src = tmp_path / "c.txt"
+    docs = make_docs(60)
+    src.write_text("\n\n".join(docs))
+    out = tmp_path / "info.json"
+    assert main(["data", "info", f"mine={src}", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows[0]["name"] == "mine" and rows[0]["docs_train"] + rows[0]["docs_val"] == 60
+    n_tr, n_va = rows[0]["docs_train"], rows[0]["docs_val"]
+    # byte tokens: each document's bytes plus a 2-byte "\n\n" separator between documents of a split
+    n_bytes = sum(len(d.encode()) for d in docs) + 2 * (n_tr + n_va - 2)
+    assert rows[0]["tokens_train"] + rows[0]["tokens_val"] == n_bytes
+    assert "mine" in capsys.readouterr().out
+
+    assert main(["data", "info", str(tmp_path / "nope.txt")]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "does not exist" in err and "Traceback" not in err
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["data", "fetch", "ru", "--cache", str(tmp_path / "c2")]) == 2
+    assert "your own text" in " ".join(capsys.readouterr().err.split())
