@@ -17,6 +17,7 @@ scalar tensor. Nothing here knows about data, models or training. Conventions fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -147,7 +148,9 @@ def hvp(loss: Loss, params: Params, v: Params, mode: HvpMode = "rev-rev") -> Par
     def g(*ps: Tensor) -> tuple[Tensor, ...]:
         return torch.func.grad(lambda *qs: loss(_rebuild(keys, qs)), argnums=tuple(range(len(ps))))(*ps)
 
-    _, tangent_out = torch.func.jvp(g, primals, tuple(x.detach() for x in vl))
+    with warnings.catch_warnings():  # torch's forward-AD decompositions still call torch.jit.script
+        warnings.filterwarnings("ignore", r".*torch\.jit\.script.* is deprecated", DeprecationWarning)
+        _, tangent_out = torch.func.jvp(g, primals, tuple(x.detach() for x in vl))
     return _rebuild(keys, list(tangent_out))
 
 
