@@ -864,9 +864,12 @@ class MixtureSampler:
       the same uniforms, so changing w changes as few example domains as possible. In ``"sample"`` mode
       example b goes to domain k iff C_{k-1} <= u_b < C_k with C the cumulative weights; counts are
       multinomial(B, w).
-    * ``"exact"`` mode uses stratified (systematic) rounding: with one more uniform u_0 keyed by (seed, t),
-      domain k gets n_k = ⌊B·C_k + u_0⌋ − ⌊B·C_{k−1} + u_0⌋ rows, i.e. ⌊B·w_k⌋ or ⌈B·w_k⌉ with mean
-      exactly B·w_k; rows are assigned in the order of the u_b.
+    * ``"exact"`` mode fixes the counts instead: n_k = largest-remainder rounding of B·w_k(t) + r_k, where
+      the carried error r_k = B·Σ_{s<t} w_k(s) − (rows of k drawn so far) lives in the state. So every
+      n_k is ⌊·⌋ or ⌈·⌉ of its target, a constant integral B·w_k is met exactly at every step, and the
+      rows drawn per domain track the integral of w (with two domains within half a row at every step),
+      which makes compared schedules with equal Σ w spend equal token budgets. Rows are assigned to
+      domains in the order of the u_b.
     * the examples of domain k come in order from its own stream keyed by (seed, k's name) with a counter:
       random windows of ``seq_len`` tokens from k's training split.
 
@@ -902,35 +905,58 @@ class MixtureSampler:
         self.step = 0
         self.counters = dict.fromkeys(self.domain_names, 0)
         self.tokens_drawn = dict.fromkeys(self.domain_names, 0)
+        self._residual = np.zeros(len(self.domain_names))  # exact mode: B·Σ_s w_k(s) − rows drawn so far
 
     # the per-step uniforms: public so that tests and tools can check the CRN property
     def uniforms(self, step: int) -> np.ndarray:
-        """The B+1 uniforms of step ``step``: u_1..u_B assign rows, the last one is the exact-mode offset."""
-        return _uniforms(self._step_key, step * (self.batch_size + 1), self.batch_size + 1)
+        """The B uniforms u_1..u_B of step ``step`` (keyed by (seed, step) only: common random numbers)."""
+        return _uniforms(self._step_key, step * self.batch_size, self.batch_size)
 
-    def assign(self, weights: Mapping[str, float], step: int) -> np.ndarray:
-        """The domain index of every row at ``step`` under ``weights`` (no tokens drawn, no state change)."""
+    def _probs(self, weights: Mapping[str, float], step: int) -> np.ndarray:
         w = check_weights(weights, self.domain_names, where=f"the mixture weights at step {step}")
         p = np.fromiter(w.values(), dtype=np.float64, count=len(w))
-        p /= p.sum()
-        cdf = np.cumsum(p)
-        cdf[-1] = 1.0
-        last = int(np.flatnonzero(p > 0)[-1])
-        cdf[last:] = 1.0
-        u = self.uniforms(step)
-        rows = u[: self.batch_size]
+        return p / p.sum()
+
+    def _exact_counts(self, p: np.ndarray) -> np.ndarray:
+        """Rows per domain in ``"exact"`` mode: largest-remainder rounding of B·w_k + r_k (carried error)."""
+        bsz = self.batch_size
+        active = p > 0
+        q = np.where(active, bsz * p + self._residual, 0.0)
+        q = np.where(active, q + (bsz - q.sum()) * p, 0.0)  # sum exactly B (only matters after a switch-off)
+        q = np.maximum(q, 0.0)
+        q *= bsz / q.sum()
+        n = np.floor(q).astype(np.int64)
+        short = bsz - int(n.sum())
+        if short > 0:
+            frac = np.where(active, q - n, -1.0)
+            n[np.argsort(-frac, kind="stable")[:short]] += 1
+        return n
+
+    def assign(self, weights: Mapping[str, float], step: int | None = None) -> np.ndarray:
+        """The domain index of every row under ``weights`` at ``step`` (default: the current step), from the
+        current state; draws no tokens and changes nothing."""
+        step = self.step if step is None else int(step)
+        return self._assign(self._probs(weights, step), step)[0]
+
+    def _assign(self, p: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.uniforms(step)
         if self.mode == "sample":
-            return np.minimum(np.searchsorted(cdf, rows, side="right"), last).astype(np.int64)
-        bounds = np.floor(self.batch_size * cdf + u[-1]).astype(np.int64)
-        bounds = np.minimum(bounds, self.batch_size)
-        counts = np.diff(np.concatenate(([0], bounds)))
+            cdf = np.cumsum(p)
+            last = int(np.flatnonzero(p > 0)[-1])
+            cdf[last:] = 1.0  # float dust must neither drop the last domain nor pick a zero-weight one
+            dom = np.minimum(np.searchsorted(cdf, rows, side="right"), last).astype(np.int64)
+            return dom, np.bincount(dom, minlength=len(p))
+        counts = self._exact_counts(p)
         dom = np.empty(self.batch_size, dtype=np.int64)
         dom[np.argsort(rows, kind="stable")] = np.repeat(np.arange(len(p)), counts)
-        return dom
+        return dom, counts
 
     def next_batch(self, weights: Mapping[str, float]) -> Batch:
         """The batch of the current :attr:`step` under ``weights`` (= w(step)); advances the step."""
-        dom = self.assign(weights, self.step)
+        p = self._probs(weights, self.step)
+        dom, counts = self._assign(p, self.step)
+        if self.mode == "exact":
+            self._residual += self.batch_size * p - counts
         out = np.empty((self.batch_size, self.seq_len), dtype=self._dtype)
         for k, name in enumerate(self.domain_names):
             rows = np.flatnonzero(dom == k)
@@ -964,6 +990,7 @@ class MixtureSampler:
             "step": self.step,
             "counters": dict(self.counters),
             "tokens_drawn": dict(self.tokens_drawn),
+            "residual": [float(r) for r in self._residual],
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -979,6 +1006,10 @@ class MixtureSampler:
             self.step = int(d["step"])
             self.counters = {n: int(d["counters"][n]) for n in self.domain_names}
             self.tokens_drawn = {n: int(d["tokens_drawn"][n]) for n in self.domain_names}
+            residual = np.asarray(d.get("residual", [0.0] * len(self.domain_names)), dtype=np.float64)
+            if residual.shape != self._residual.shape:
+                raise ValueError("residual has the wrong length")
+            self._residual = residual
         except (KeyError, TypeError, ValueError) as exc:
             raise CommuteError(
                 f"the saved sampler state is malformed ({type(exc).__name__}: {exc})."
