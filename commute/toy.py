@@ -204,11 +204,15 @@ class ToyResult:
         return {"rows": [dict(r) for r in self.rows], "config": self.config.to_dict()}
 
     def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically (a temporary file renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            raise CommuteError(f"cannot write {path}: {exc.strerror or exc}.") from exc
         return path
 
     @classmethod

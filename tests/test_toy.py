@@ -214,3 +214,12 @@ def test_cli_bad_options_give_one_clean_sentence(args, message, capsys):
     assert code != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_unwritable_json_is_a_clean_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["toy", "--n", "4", "--starts", "2", "--json", str(blocker / "t.json"), "--no-progress"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err
