@@ -809,7 +809,8 @@ def load_domains(
         ).hexdigest()[:24]
         d = root / "tokens" / key
         meta_p = d / "meta.json"
-        if not meta_p.is_file():
+
+        def build(name: str = name, src: str | Path = src, d: Path = d) -> None:
             train_docs, val_docs = get_split(name)
             _atomic_save_npy(d / "train.npy", _encode_docs(tok, train_docs))
             _atomic_save_npy(d / "val.npy", _encode_docs(tok, val_docs))
@@ -820,10 +821,19 @@ def load_domains(
                 "docs_train": len(train_docs),
                 "docs_val": len(val_docs),
             }
-            _atomic_write_bytes(meta_p, json.dumps(meta, indent=1).encode())
-        meta = json.loads(meta_p.read_text())
-        train = np.load(d / "train.npy", mmap_mode="r")
-        val = np.load(d / "val.npy", mmap_mode="r")
+            _atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=1).encode())
+
+        if not meta_p.is_file():
+            build()
+        try:
+            meta = json.loads(meta_p.read_text())
+            train = np.load(d / "train.npy", mmap_mode="r")
+            val = np.load(d / "val.npy", mmap_mode="r")
+        except (OSError, ValueError):  # a damaged cache entry (e.g. deleted file): tokenise again
+            build()
+            meta = json.loads(meta_p.read_text())
+            train = np.load(d / "train.npy", mmap_mode="r")
+            val = np.load(d / "val.npy", mmap_mode="r")
         if len(train) == 0:
             raise CommuteError(f"domain {name!r} ({src}) has no training text.")
         out[name] = TokenizedDomain(

@@ -127,9 +127,16 @@ def test_token_cache_is_hit_and_invalidated_by_edits(tmp_path, monkeypatch) -> N
     np.testing.assert_array_equal(again.train, first.train)
     monkeypatch.undo()
 
+    expected = np.array(first.train)
+    del first, again  # release the memmaps before damaging the file under them
+    damaged = next((cache / "tokens").iterdir()) / "train.npy"
+    damaged.unlink()
+    damaged.write_bytes(b"garbage")  # a damaged cache entry is rebuilt
+    np.testing.assert_array_equal(load_domains({"x": src}, cache_dir=cache)["x"].train, expected)
+
     src.write_text("\n\n".join(make_docs(50, seed=1)))  # edited corpus -> new tokens
     edited = load_domains({"x": src}, cache_dir=cache)["x"]
-    assert not np.array_equal(np.asarray(edited.train[:500]), np.asarray(first.train[:500]))
+    assert not np.array_equal(np.asarray(edited.train[:500]), expected[:500])
 
 
 def test_byte_tokenizer_round_trip() -> None:
