@@ -784,16 +784,22 @@ def train(
     resume_state: dict[str, Any] | None = None
     parent_ck: Path | None = None
     parent_state: dict[str, Any] | None = None
+    if branch_from is not None:
+        parent_ck = find_checkpoint(branch_from)
+        if out_dir.resolve() == parent_ck.parent.parent.resolve():
+            raise CommuteError("a branch must be written to its own directory, not into its parent's run.")
     if existing:
         if not resume:
             raise CommuteError(f"{str(out_dir)!r} already holds a run (last checkpoint "
                                f"{existing[-1].name}); resume it, or choose an empty output directory.")
         resume_ck = find_checkpoint(out_dir)
         resume_state = _read_state(resume_ck)
-    elif branch_from is not None:
-        parent_ck = find_checkpoint(branch_from)
-        if out_dir.resolve() == parent_ck.parent.parent.resolve():
-            raise CommuteError("a branch must be written to its own directory, not into its parent's run.")
+        recorded = (resume_state.get("parent") or {}).get("checkpoint")
+        if parent_ck is not None and recorded != str(parent_ck.resolve()):
+            raise CommuteError(f"{str(out_dir)!r} already holds a run that is not a branch of "
+                               f"{str(parent_ck)!r}; choose an empty output directory for the branch.")
+        parent_ck = None
+    elif parent_ck is not None:
         parent_state = _read_state(parent_ck)
     base_state = resume_state or parent_state
     base_ck = resume_ck or parent_ck
@@ -844,6 +850,11 @@ def train(
         if isinstance(sched, FromCallable) or base_state.get("schedule", {}).get("type") == "callable":
             allowed.add("schedule")
         diff = [k for k in mine if k not in allowed and mine[k] != theirs[k]]
+        shape = [k for k in ("model", "model_overrides", "vocab_size") if k in diff]
+        if shape:
+            raise CommuteError(f"checkpoint {str(base_ck)!r} holds a different model ("
+                               + "; ".join(f"{k} {theirs[k]!r} there, {mine[k]!r} here" for k in shape)
+                               + "); use the config it was trained with or a new output directory.")
         if diff:
             what = "resume" if resume_state is not None else "branch from"
             raise CommuteError(f"cannot {what} {str(base_ck)!r}: its config differs in "
@@ -967,9 +978,7 @@ def train(
                 return last_val
 
             if resume_state is None and val_batches:  # fresh run or new branch: evaluate the start point
-                metrics.write({"step": start, "lr": lr_at(cfg, start),
-                               **{f"val_loss/{n}": v for n, v in do_eval(start).items()},
-                               **{f"weight/{n}": sched(start).get(n, 0.0) for n in names},
+                metrics.write({"step": start, **{f"val_loss/{n}": v for n, v in do_eval(start).items()},
                                **{f"tokens/{n}": tokens[n] for n in names}})
             if resume_state is None and start in ckpt_steps and start < end:
                 last_ck = checkpoint(start)
