@@ -134,6 +134,7 @@ class StudyConfig:
     lambda_batch_size: int = 16
     locality: LocalityConfig = field(default_factory=LocalityConfig)
     seed: int = 0
+    threads: int = 0  # torch CPU threads for the study (0 = torch's default); no effect on the cache keys
     train_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields
 
     # -- validation and (de)serialisation ---------------------------------------------------------
@@ -166,8 +167,8 @@ class StudyConfig:
                     raise CommuteError(f"Variant {v.name!r}: delta_w={dw} pushes a weight outside [0, 1].")
         if self.locality.enabled and self.locality.optimizer not in self.optimizers:
             raise CommuteError(
-                f"The locality sweep starts from the {self.locality.optimizer!r} run, which the study does not "
-                "run."
+                f"The locality sweep starts from the {self.locality.optimizer!r} run, which the study does "
+                "not run."
             )
 
     @property
@@ -208,19 +209,26 @@ class StudyConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "preset": "tiny",
+        "threads": 1,
         "model_preset": "tiny",
         "model_overrides": {"n_embd": 64, "n_head": 2, "n_positions": 64},
         "seq_len": 64,
-        "batch_size": 16,
+        "batch_size": 20,
+        "sampler_mode": "exact",
         "lr": {"adam": 2e-3, "sgd": 0.3},
         "t0s": [100, 250, 400],
         "T": 50,
         "extra_p_steps": [50, 200, 300],
+        "variants": [
+            {"name": "balanced", "base": {"en": 0.5, "ru": 0.5}, "delta_ws": [0.15, 0.3, 0.45]},
+            {"name": "imbalanced", "base": {"en": 0.9, "ru": 0.1}, "delta_ws": [0.05, 0.1]},
+        ],
         "n_val_batches": 8,
         "val_batch_size": 16,
         "n_grad_batches": 12,
-        "n_hvp_batches": 12,
+        "n_hvp_batches": 6,
         "est_batch_size": 16,
+        "n_groups": 6,
         "lambda_iters": 15,
         "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": 0.001, "delta_w": 0.3, "batch_size": 8},
     },
@@ -229,11 +237,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_preset": "tiny",
         "model_overrides": {"n_positions": 128},
         "seq_len": 128,
-        "batch_size": 32,
+        "batch_size": 40,
+        "sampler_mode": "exact",
         "lr": {"adam": 1e-3, "sgd": 0.3},
         "t0s": [200, 800, 1400, 2000],
         "T": 200,
         "extra_p_steps": [500, 1100, 1700],
+        "variants": [
+            {"name": "balanced", "base": {"en": 0.5, "ru": 0.5}, "delta_ws": [0.15, 0.3, 0.45]},
+            {"name": "imbalanced", "base": {"en": 0.9, "ru": 0.1}, "delta_ws": [0.025, 0.05, 0.075]},
+        ],
         "n_val_batches": 16,
         "val_batch_size": 32,
         "n_grad_batches": 32,
@@ -249,6 +262,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": "byte",
         "seq_len": 1024,
         "batch_size": 512,
+        "sampler_mode": "sample",
         "lr": {"adam": 1.5e-4, "sgd": 0.1},
         "t0s": [2000, 8000, 14000, 20000],
         "T": 4000,
@@ -403,13 +417,15 @@ def hessian_lambda_max(
     precond: Mapping[str, Tensor] | None = None,
     iters: int = 20,
     seed: int = 0,
+    tol: float = 1e-3,
 ) -> float:
     """Top eigenvalue of H (or of D^{-1/2} H D^{-1/2} when ``precond`` = diag D is given), by HVPs.
 
     The HVPs are reverse-over-reverse through :func:`commute.bracket.hvps`.
     """
     if precond is None:
-        return top_eigenvalue(lambda v: hvps(loss, params, [v])[0], params, iters=iters, seed=seed)[0]
+        hv = lambda v: hvps(loss, params, [v])[0]  # noqa: E731
+        return top_eigenvalue(hv, params, iters=iters, tol=tol, seed=seed)[0]
     s = {k: precond[k].rsqrt() for k in params}
 
     def mv(v: Params) -> Params:
@@ -418,7 +434,7 @@ def hessian_lambda_max(
         assert isinstance(hv, Mapping)
         return {k: s[k] * hv[k] for k in params}
 
-    return top_eigenvalue(mv, params, iters=iters, seed=seed)[0]
+    return top_eigenvalue(mv, params, iters=iters, tol=tol, seed=seed)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -829,8 +845,6 @@ def run_bilingual_study(
     (base runs and branches, each cached by a config hash, so a re-run skips finished work and an
     interrupted study resumes), ``results.json`` and the report (``report.md``, PNGs, CSVs).
     """
-    from commute.data import load_domains
-
     if config is None:
         cfg = get_preset(preset)
     elif isinstance(config, StudyConfig):
@@ -844,9 +858,21 @@ def run_bilingual_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
+    prev_threads = torch.get_num_threads()
+    if cfg.threads > 0:  # tiny models on a shared CPU run far faster on one thread each
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_study(cfg, out, device, cache_dir, progress, log)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path | None, progress: bool,
+               log: Callable[[str], None] | None) -> StudyResult:
+    """The body of :func:`run_bilingual_study` (threads already set)."""
+    from commute.data import load_domains
+
     say = log or (lambda s: None)
-    if cache_dir is not None:
-        cfg.train_overrides = {**cfg.train_overrides, "cache_dir": str(cache_dir)}
     domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cache_dir)
     val = {k: domains[k].val_batches(cfg.n_val_batches, cfg.val_batch_size, cfg.seq_len)
            for k in cfg.domain_names}

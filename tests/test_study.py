@@ -1,0 +1,282 @@
+"""Tests of the bilingual study: λ_max, sign counting, the report, the locality sweep, caching, end to end.
+
+Independent truths: dense eigendecompositions (torch.linalg.eigvalsh), counting by numpy, the exact
+reordering effect simulated with deterministic gradient descent, and a re-run that must not train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from commute.errors import CommuteError
+from commute.report import render_report, summarise
+from commute.study import (
+    PRESETS,
+    StudyConfig,
+    get_preset,
+    hessian_lambda_max,
+    locality_sweep,
+    predicted_excess,
+    run_bilingual_study,
+    sign_agreement,
+    top_eigenvalue,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# λ_max by power iteration
+# --------------------------------------------------------------------------------------------------
+def _spd(n: int, seed: int, top: float = 10.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    rest = torch.rand(n - 1, generator=g, dtype=torch.float64) * top * 0.7
+    ev = torch.cat([torch.tensor([top], dtype=torch.float64), rest])
+    return q @ torch.diag(ev) @ q.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_eigenvalue_matches_eigvalsh(seed: int) -> None:
+    A = _spd(30, seed)
+    lam, v = top_eigenvalue(lambda x: A @ x, torch.zeros(30, dtype=torch.float64), iters=200, tol=1e-12)
+    truth = torch.linalg.eigvalsh(A).max().item()
+    assert lam == pytest.approx(truth, rel=1e-8)
+    assert torch.allclose(A @ v, lam * v, atol=1e-5)
+
+
+def test_top_eigenvalue_finds_dominant_negative() -> None:
+    A = -_spd(20, 3)  # all eigenvalues negative: the dominant one is the most negative
+    lam, _ = top_eigenvalue(lambda x: A @ x, torch.zeros(20, dtype=torch.float64), iters=300, tol=1e-12)
+    assert lam == pytest.approx(torch.linalg.eigvalsh(A).min().item(), rel=1e-8)
+
+
+def test_hessian_lambda_max_with_and_without_adam_preconditioner() -> None:
+    A = _spd(12, 4)
+    w = torch.arange(12.0, dtype=torch.float64)
+
+    def loss(p):  # Hessian of 0.5 xᵀAx + cubic-free linear term is A, on a dict pytree
+        x = torch.cat([p["a"], p["b"]])
+        return 0.5 * x @ A @ x + w @ x
+
+    params = {"a": torch.randn(5, dtype=torch.float64), "b": torch.randn(7, dtype=torch.float64)}
+    lam = hessian_lambda_max(loss, params, iters=300, tol=1e-12)
+    assert lam == pytest.approx(torch.linalg.eigvalsh(A).max().item(), rel=1e-6)
+    d = torch.rand(12, dtype=torch.float64) + 0.1
+    D = {"a": d[:5], "b": d[5:]}
+    s = d.rsqrt()
+    lam_pre = hessian_lambda_max(loss, params, D, iters=300, tol=1e-12)
+    truth = torch.linalg.eigvalsh(s[:, None] * A * s[None, :]).max().item()
+    assert lam_pre == pytest.approx(truth, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# sign agreement and predictions
+# --------------------------------------------------------------------------------------------------
+def test_sign_agreement_counts_against_numpy() -> None:
+    rng = np.random.default_rng(0)
+    pred, se, obs = rng.normal(size=200), rng.uniform(0.1, 2, size=200), rng.normal(size=200)
+    obs[:5] = 0.0  # a zero observation never agrees
+    cells = [{"pred": a, "pred_stderr": b, "antisym": c} for a, b, c in zip(pred, se, obs, strict=True)]
+    got = sign_agreement(cells)
+    agree = np.sign(pred) == np.sign(obs)
+    agree[:5] = False
+    sig = np.abs(pred / se) > 2
+    assert got == {"n": 200, "agree": int(agree.sum()), "n_significant": int(sig.sum()),
+                   "agree_significant": int((agree & sig).sum())}
+
+
+def test_predicted_excess_is_gamma2_dw_T2_P() -> None:
+    assert predicted_excess(2.0, 0.3, 10, 0.01) == pytest.approx(0.01**2 * 0.3 * 100 * 2.0)
+    assert predicted_excess(-1.0, 0.3, 10, 0.01) < 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the report from synthetic results
+# --------------------------------------------------------------------------------------------------
+def _synthetic(seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    d = ["en", "ru"]
+    arms = []
+    for opt in ("adam", "sgd"):
+        for var, base in (("balanced", {"en": 0.5, "ru": 0.5}), ("imbalanced", {"en": 0.9, "ru": 0.1})):
+            cells, cks = [], []
+            for t0 in (10, 20):
+                L = {k: 3 - t0 / 100 + rng.random() for k in d}
+                P = {k: {"mean": rng.gauss(0, 1), "stderr": rng.uniform(0.1, 1), "n": 6} for k in d}
+                cks.append({"step": t0, "L": L, "P": P, "gamma": 0.01, "lambda_max": 5.0})
+                for dw in (0.1, 0.2):
+                    Lb = {k: L[k] - 0.1 for k in d}
+                    L12 = {k: Lb[k] + rng.gauss(0, 0.01) for k in d}
+                    L21 = {k: Lb[k] + rng.gauss(0, 0.01) for k in d}
+                    pd = {}
+                    for k in d:
+                        pred = predicted_excess(P[k]["mean"], dw, 5, 0.01)
+                        anti = 0.5 * ((L12[k] - Lb[k]) - (L21[k] - Lb[k]))
+                        pd[k] = {"EL12": L12[k] - Lb[k], "EL21": L21[k] - Lb[k], "antisym": anti,
+                                 "pred": pred,
+                                 "pred_stderr": predicted_excess(P[k]["stderr"], dw, 5, 0.01),
+                                 "z": P[k]["mean"] / P[k]["stderr"], "agree": pred * anti > 0}
+                    cells.append({"t0": t0, "delta_w": dw, "T": 5, "L_t0": L, "L_base": Lb, "L12": L12,
+                                  "L21": L21, "tokens_match": True, "locality": 0.25, "per_domain": pd})
+            curve = [{"step": s, "L": {k: 3 - s / 100 for k in d}} for s in (10, 20, 30)]
+            arms.append({"optimizer": opt, "variant": var, "base": base, "lr": 0.01, "T": 5,
+                         "gamma_rule": "test", "base_curve": curve, "checkpoints": cks, "cells": cells})
+    loc = {"lr": 1e-3, "lambda_max": 5.0, "delta_w": 0.3, "base": {"en": 0.5, "ru": 0.5},
+           "P": {"en": 1.0, "ru": -1.0}, "domains": d,
+           "rows": [{"T": T, "gammaT": 1e-3 * T, "locality": 5e-3 * T,
+                     **{k: {"EL12": 1e-6, "EL21": -1e-6, "antisym": 1e-6, "pred": 1e-6 * (1 - 0.01 * T),
+                            "ratio": 1 / (1 - 0.01 * T)} for k in d}} for T in (8, 4, 2)]}
+    return {"config": {"preset": "synthetic", "T": 5}, "domains": d, "arms": arms, "locality": loc}
+
+
+def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
+    data = _synthetic()
+    data["summary"] = summarise(data)
+    path = render_report(data, tmp_path)
+    md = path.read_text()
+    for needle in ("## Summary", "EL1^12", "EL2^21", "pred EL1^12", "antisym 1", "γTλ_max",
+                   "Table 4 analogue", "Locality sweep", "Table 2", "Table 3",
+                   "adam / imbalanced (0.9, 0.1)"):
+        assert needle in md, needle
+    for f in ("loss_planes.png", "pred_vs_obs.png", "locality.png"):
+        assert (tmp_path / f).stat().st_size > 10_000, f
+    rows = (tmp_path / "cells.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4 * 2 * 2 * 2  # header + arms × t0 × Δw × domains
+    # the summary row of each arm equals an independent count over the CSV
+    for arm in data["arms"]:
+        key = f"{arm['optimizer']}/{arm['variant']}"
+        mine = [r.split(",") for r in rows[1:] if r.startswith(f"{arm['optimizer']},{arm['variant']},")]
+        agree = sum(float(r[13]) * float(r[12]) > 0 for r in mine)
+        assert data["summary"]["arms"][key]["agree"] == agree
+        assert data["summary"]["arms"][key]["n"] == len(mine)
+
+
+def test_summary_checkpoint_criterion() -> None:
+    data = _synthetic(1)
+    s = summarise(data)
+    for arm in data["arms"]:
+        want = sum(all(pd["agree"] for c in arm["cells"] if c["t0"] == t0
+                       for pd in c["per_domain"].values()) for t0 in (10, 20))
+        assert s["arms"][f"{arm['optimizer']}/{arm['variant']}"]["checkpoints_right"] == want
+    assert s["all"]["n"] == 4 * 8
+
+
+# --------------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_yaml_files_match_presets_and_round_trip(name: str, tmp_path: Path) -> None:
+    cfg = get_preset(name)
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert StudyConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    shipped = REPO / "configs" / f"study_{name}.yaml"
+    assert StudyConfig.from_yaml(shipped) == cfg, f"{shipped} is out of date with PRESETS[{name!r}]"
+
+
+def test_bad_configs_raise_one_sentence() -> None:
+    with pytest.raises(CommuteError, match="exactly 2 domains"):
+        StudyConfig(domains={"en": "x"})
+    with pytest.raises(CommuteError, match="outside"):
+        StudyConfig(variants=[{"name": "v", "base": {"en": 0.9, "ru": 0.1}, "delta_ws": [0.2]}])
+    with pytest.raises(CommuteError, match="Unknown study config field"):
+        StudyConfig.from_dict({"bogus": 1})
+    with pytest.raises(CommuteError, match="Unknown study preset"):
+        get_preset("huge")
+
+
+# --------------------------------------------------------------------------------------------------
+# the locality sweep on a micro GPT-2: observed / predicted -> 1 as γT -> 0
+# --------------------------------------------------------------------------------------------------
+def test_locality_sweep_ratio_tends_to_one() -> None:
+    from commute.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", n_layer=1, n_embd=16, n_head=2, n_positions=16)
+    g = torch.Generator().manual_seed(1)
+    batches = {"a": [torch.randint(0, 128, (3, 16), generator=g)],
+               "b": [torch.randint(96, 256, (3, 16), generator=g)]}
+    res = locality_sweep(model, batches, {"a": 0.5, "b": 0.5}, 0.3, [8, 4, 2], lr_times_lambda=1e-3,
+                         lambda_iters=15)
+    for k in ("a", "b"):
+        dev = [abs(r[k]["ratio"] - 1) for r in res["rows"]]  # T = 8, 4, 2
+        assert dev[0] > dev[1] > dev[2], (k, dev)  # the error shrinks with γT (it is O(γT))
+        assert dev[2] < 0.1, (k, dev)
+        assert all(r[k]["pred"] == pytest.approx(res["lr"] ** 2 * 0.3 * r["T"] ** 2 * res["P"][k])
+                   for r in res["rows"])
+
+
+# --------------------------------------------------------------------------------------------------
+# micro end to end, then a cached re-run that must not train
+# --------------------------------------------------------------------------------------------------
+def _micro_config(root: Path) -> StudyConfig:
+    rng = random.Random(0)
+    for name, alphabet in (("a", "abcde fgh"), ("b", "uvwxyz  ")):
+        docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(40, 120))) for _ in range(120)]
+        (root / f"{name}.txt").write_text("\n\n".join(docs))
+    return StudyConfig.from_dict(dict(
+        preset="micro", threads=1, domains={"a": str(root / "a.txt"), "b": str(root / "b.txt")},
+        model_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16},
+        seq_len=16, batch_size=4, sampler_mode="exact", lr={"adam": 3e-3, "sgd": 0.3},
+        t0s=[4], T=2, extra_p_steps=[2],
+        variants=[{"name": "balanced", "base": {"a": 0.5, "b": 0.5}, "delta_ws": [0.25]}],
+        n_val_batches=2, val_batch_size=4, n_grad_batches=4, n_hvp_batches=2, est_batch_size=4, n_groups=2,
+        lambda_iters=3, lambda_batch_size=4,
+        locality={"T_grid": [2, 1], "batch_size": 2, "lr_times_lambda": 0.01}))
+
+
+def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _micro_config(tmp_path)
+    out = tmp_path / "out"
+    res = run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    assert res.report_path == out / "report.md" and res.report_path.is_file()
+    for f in ("results.json", "config.yaml", "cells.csv", "checkpoints.csv", "locality.csv",
+              "loss_planes.png", "pred_vs_obs.png", "locality.png"):
+        assert (out / f).is_file(), f
+    data = json.loads((out / "results.json").read_text())
+    arms = [(a["optimizer"], a["variant"]) for a in data["arms"]]
+    assert arms == [("adam", "balanced"), ("sgd", "balanced")]
+    for arm in data["arms"]:
+        (cell,) = arm["cells"]
+        # eq. (9) moves tokens between phases only: every domain's total is the base run's
+        assert cell["tokens_match"] and cell["tokens"]["12"] == cell["tokens"]["base"] == cell["tokens"]["21"]
+        assert cell["tokens"]["base"]["a"] == 2 * 2 * 2 * 16  # 2T steps × 2 rows × 16 tokens
+        for k in ("a", "b"):
+            p = cell["per_domain"][k]
+            assert p["EL12"] == pytest.approx(cell["L12"][k] - cell["L_base"][k])
+            assert p["antisym"] == pytest.approx(0.5 * (p["EL12"] - p["EL21"]))
+            ck = next(c for c in arm["checkpoints"] if c["step"] == 4)
+            assert p["pred"] == pytest.approx(ck["gamma"] ** 2 * 0.25 * 4 * ck["P"][k]["mean"])
+            assert math.isfinite(p["pred_stderr"]) and p["pred_stderr"] >= 0
+        assert {c["step"] for c in arm["checkpoints"]} == {2, 4}
+    assert StudyConfig.from_yaml(out / "config.yaml") == cfg  # reproducible from the saved config
+
+    # a re-run finds everything cached: no training, no estimation, same numbers
+    import commute.estimate
+    import commute.train
+
+    def boom(*a, **k):
+        raise AssertionError("a cached study must not train or estimate again")
+
+    monkeypatch.setattr(commute.train, "train", boom)
+    monkeypatch.setattr(commute.estimate.BracketEstimator, "estimate", boom)
+    again = run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    assert again.data["arms"] == json.loads(json.dumps(res.data["arms"]))
+    assert again.data["summary"] == res.data["summary"]
+
+
+def test_study_cli_report_rerender(tmp_path: Path) -> None:
+    from commute.cli import main
+
+    data = _synthetic()
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    assert main(["study", "report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").is_file()
+    assert main(["study", "report", str(tmp_path / "nowhere")]) != 0
