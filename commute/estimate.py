@@ -38,6 +38,7 @@ DESIGN.md §2).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -112,8 +113,10 @@ class Estimate:
         se = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
         return cls(float(np.mean(v)) if n else math.nan, se, n)
 
-    def to_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "stderr": self.stderr, "n": self.n, "z": self.z}
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Plain dict; a non-finite z (stderr 0, e.g. fixed batches) is written as None (strict JSON)."""
+        z = self.z
+        return {"mean": self.mean, "stderr": self.stderr, "n": self.n, "z": z if math.isfinite(z) else None}
 
     def __str__(self) -> str:
         return f"{self.mean:+.3e} ± {self.stderr:.2e} (z={self.z:+.1f})"
@@ -180,6 +183,9 @@ def _to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return tuple(_to_device(v, device, dtype) for v in batch)
     if isinstance(batch, list):
         return [_to_device(v, device, dtype) for v in batch]
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # e.g. commute.data.Batch
+        return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device, dtype)
+                                             for f in dataclasses.fields(batch) if f.init})
     if hasattr(batch, "to") and callable(batch.to):  # e.g. transformers.BatchEncoding
         return batch.to(device)
     return batch
@@ -389,14 +395,14 @@ class BracketEstimator:
         hvp0, grad0 = self.n_hvp, self.n_grad
         t0 = time.perf_counter()
 
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(_sdpa_math())
             bar = _Progress(progress, G * K * (2 * n_half + n_h), f"bracket ({mode}, K={K})")
             stack.enter_context(bar)
             self.model.eval()
-            stack.callback(self.model.train, was_training)
+            stack.callback(_restore_modes, modes)
             for g in range(G):
                 A, B = [], []
                 for k, name in enumerate(names):
@@ -429,6 +435,9 @@ class BracketEstimator:
                 p_groups[g] = np.einsum("tji->ijt", S) - np.einsum("tij->ijt", S)
                 del A, B, targ
 
+        if not np.all(np.isfinite(p_groups)):
+            raise CommuteError("the bracket estimate is not finite (the loss is finite, so gradients or "
+                               "Hessian-vector products overflowed); check the model's state and dtype.")
         hvp_per_batch = K * (K - 1) if mode == "pairs" else K * M
         n_hvp = self.n_hvp - hvp0
         assert n_hvp == G * n_h * hvp_per_batch, (n_hvp, G, n_h, hvp_per_batch)
@@ -449,6 +458,11 @@ class BracketEstimator:
             meta={"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                   "n_params": self.n_params},
         )
+
+
+def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
 
 
 class _Progress:

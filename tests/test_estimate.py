@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -191,6 +192,7 @@ def test_fixed_batches_give_exact_bracket_of_the_batch_losses() -> None:
         assert e.stderr <= 1e-12 * abs(e.mean)
         assert rep.P("b", "a", t).mean == -e.mean
     assert rep.P("a", "a", "mix").mean == 0.0
+    json.dumps(rep.to_dict(), allow_nan=False)  # z = inf (zero spread) is written as null
 
 
 def _repeat(batch):
@@ -224,10 +226,12 @@ def test_gpt2_against_finite_differences(attn: str) -> None:
     fixed = {"en": torch.randint(0, 128, (3, 12), generator=g),   # two "domains" over different bytes
              "ru": torch.randint(128, 256, (3, 12), generator=g)}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.transformer.h[1].eval()  # a mixed train/eval state must come back as it was
+    modes = [m.training for m in model.modules()]
     est = BracketEstimator(model, _ce, {d: _repeat(b) for d, b in fixed.items()})
     assert len(est.params) == len(list(model.parameters())) == len(before)  # tied tensor once
     rep = est.estimate(4, 2, n_groups=2, progress=True)
-    assert model.training  # mode restored
+    assert [m.training for m in model.modules()] == modes  # modes restored
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
 
     # independent truth, first-order only: H_j v ~ (grad L_j(theta + h v) - grad L_j(theta - h v)) / 2h
@@ -318,18 +322,24 @@ def test_predict_excess_loss_matches_simulated_intervention(K: int) -> None:
 def test_report_roundtrip_table_and_dtype(tmp_path) -> None:
     prob = Regression(K=2, seed=8)
     gen = torch.Generator().manual_seed(0)
-    # float32 data and a dict batch: cast to the model's float64, on its device
-    streams = {n: ({"X": X.float(), "y": y.float()} for X, y in prob.stream(k, gen))
-               for k, n in enumerate(prob.names)}
+    # float32 data in a dict batch and in a dataclass batch: cast to the model's float64, on its device
+    @dataclasses.dataclass
+    class XY:
+        X: torch.Tensor
+        y: torch.Tensor
+
+    streams = {"a": ({"X": X.float(), "y": y.float()} for X, y in prob.stream(0, gen)),
+               "b": (XY(X.float(), y.float()) for X, y in prob.stream(1, gen))}
     seen = []
 
     def loss_fn(model, batch):
-        seen.append(batch["X"].dtype)
-        return prob.loss_fn(model, (batch["X"], batch["y"]))
+        X, y = (batch["X"], batch["y"]) if isinstance(batch, dict) else (batch.X, batch.y)
+        seen.append((X.dtype, y.dtype))
+        return prob.loss_fn(model, (X, y))
 
     rep = BracketEstimator(prob.model, loss_fn, streams).estimate(
         20, 10, targets={"A": {"a": 1.0}, "avg": {"a": 0.5, "b": 0.5}}, n_groups=5)
-    assert set(seen) == {DT}
+    assert set(seen) == {(DT, DT)}
     path = rep.to_json(tmp_path / "sub" / "report.json")
     back = BracketReport.from_json(path)
     assert json.loads(path.read_text())["n_hvp"] == rep.n_hvp == 2 * 10
