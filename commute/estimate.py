@@ -192,8 +192,8 @@ def _to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    """<a, b> over a list of parameter-shaped tensors, accumulated in float64."""
-    return float(sum(torch.dot(x.reshape(-1), y.reshape(-1)).double() for x, y in zip(a, b, strict=True)))
+    """<a, b> over a list of parameter-shaped tensors, summed in float64 (products in the model's dtype)."""
+    return float(sum(torch.sum(x * y, dtype=torch.float64) for x, y in zip(a, b, strict=True)))
 
 
 def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
@@ -314,6 +314,7 @@ class BracketEstimator:
         live = [n for n, g in enumerate(gs) if g is not None and g.requires_grad]
         out: list[list[Tensor]] = []
         for m, v in enumerate(vectors):
+            self.n_hvp += 1
             if not live:  # the loss is linear in the parameters: H = 0
                 out.append([torch.zeros_like(p) for p in self.params])
                 continue
@@ -321,7 +322,6 @@ class BracketEstimator:
                 [gs[n] for n in live], self.params, grad_outputs=[v[n] for n in live],
                 retain_graph=m < len(vectors) - 1, allow_unused=True,
             )
-            self.n_hvp += 1
             out.append([torch.zeros_like(p) if h is None else h
                         for p, h in zip(self.params, hv, strict=True)])
         return out
