@@ -671,7 +671,7 @@ class _Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step + 1)
+                self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=max(0, start_step + 1))
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
 
@@ -938,7 +938,10 @@ def train(
                 val_batches = {n: d.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len)
                                for n, d in domains.items()} if cfg.eval_batches else {}
             val_batches = dict(val_batches or {})
-            metrics = _Metrics(out_dir, names, start, cfg.tensorboard)
+            # a resumed run keeps the rows up to its checkpoint (they include its step); a fresh run or a
+            # new branch keeps none from a run that crashed before its first checkpoint
+            metrics = _Metrics(out_dir, names, start if resume_state is not None else start - 1,
+                               cfg.tensorboard)
             ckpt_steps = set(cfg.ckpt_steps)
             name_idx = {n: i for i, n in enumerate(names)}
 
@@ -1065,9 +1068,6 @@ def train(
                 for n in names:
                     interval.dom_sum[n] += dom_sum[n]
                     interval.dom_n[n] += dom_n[n]
-                for cb in callbacks:
-                    cb(StepInfo(step=step, model=model, optimizer=optimizer, loss=step_loss, weights=w,
-                                domain_losses={n: dom_sum[n] / dom_n[n] for n in names if dom_n[n]}))
 
                 # rows and evaluations depend on the run's steps only (not on where this call stops), so an
                 # interrupted-and-resumed run writes the same rows as an uninterrupted one
@@ -1092,6 +1092,9 @@ def train(
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in ckpt_steps or step == end:
                     last_ck = checkpoint(step)
                 prog.update(task, completed=step)
+                for cb in callbacks:  # after logging and checkpointing: callbacks see a settled step
+                    cb(StepInfo(step=step, model=model, optimizer=optimizer, loss=step_loss, weights=w,
+                                domain_losses={n: dom_sum[n] / dom_n[n] for n in names if dom_n[n]}))
             if end <= start and last_ck is None and base_state is not None and resume_state is None:
                 last_ck = checkpoint(step)  # a branch asked for zero steps: still give it a checkpoint
             elapsed = time.perf_counter() - t_start

@@ -176,6 +176,22 @@ def test_resume_when_done_is_a_no_op_and_no_resume_refuses(tmp_path, corpora, ca
         train(cfg, tmp_path / "r", domains=domains, resume=False, progress=False)
 
 
+def test_rerun_after_a_crash_before_the_first_checkpoint_starts_clean(tmp_path, corpora, cache,
+                                                                       domains) -> None:
+    cfg = make_cfg(corpora, cache, steps=4, ckpt_every=0)
+
+    def crash(info) -> None:
+        if info.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", domains=domains, callbacks=[crash], progress=False)
+    assert not list_checkpoints(tmp_path / "r") and len(rows(tmp_path / "r" / "metrics.csv")) == 3
+    train(cfg, tmp_path / "r", domains=domains, progress=False)
+    train(cfg, tmp_path / "ref", domains=domains, progress=False)
+    assert rows(tmp_path / "r" / "metrics.csv") == rows(tmp_path / "ref" / "metrics.csv")
+
+
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------------

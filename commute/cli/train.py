@@ -55,9 +55,10 @@ def train_cmd(
                    progress=progress)
     val = "  ".join(f"{k} {v:.4f}" for k, v in result.val_losses.items())
     tokens = "  ".join(f"{k} {v:,}" for k, v in result.tokens.items())
-    console.print(f"step {result.step}: validation loss {val or 'n/a'}; tokens trained on {tokens}")
+    console.print(f"step {result.step}: validation loss {val or 'n/a'}; tokens trained on {tokens}",
+                  soft_wrap=True)
     console.print(f"{result.tokens_per_second:,.0f} tokens/s; checkpoint {result.checkpoint}; "
-                  f"metrics {result.metrics_path}")
+                  f"metrics {result.metrics_path}", soft_wrap=True)
 
 
 @app.command("train-template")
@@ -73,4 +74,4 @@ def train_template(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        console.print(f"wrote {out}")
+        console.print(f"wrote {out}", soft_wrap=True)
