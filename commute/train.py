@@ -14,7 +14,9 @@ paper eq. (1)/(2)), which with a fixed batch holding every domain is determinist
 A run directory holds::
 
     config.yaml                      the run's TrainConfig (documented YAML)
-    metrics.csv                      step, lr, train/val loss per domain, weights, tokens per domain, tok/s
+    metrics.csv                      per row: step (steps done), lr, train loss (mean since the last row)
+                                     and per domain, val loss per domain (at eval steps), weight/<d> of
+                                     the last step, tokens/<d> trained on so far, tokens/s
     tb/                              TensorBoard events (same tags)
     checkpoints/step_XXXXXXXX/       model.safetensors, optimizer.pt, rng.safetensors, state.json
     checkpoints/latest               name of the newest complete checkpoint
@@ -551,6 +553,8 @@ def lr_at(config: TrainConfig, step: int) -> float:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Group 0: matrices (dim >= 2, decayed); group 1: biases and layer norms; ``parameters()`` order in
+    each (the optimiser state's indices follow this order)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
