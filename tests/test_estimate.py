@@ -142,19 +142,31 @@ def _counting(loss_fn):
     return wrapped, calls
 
 
-def test_modes_agree_and_hvp_count() -> None:
+def test_modes_agree_and_hvp_count(monkeypatch) -> None:
     prob = Regression(K=3, seed=3)
+    autograd_calls: list[str] = []
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, **kw):
+        autograd_calls.append("graph" if create_graph else "hvp" if grad_outputs is not None else "grad")
+        return real_grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                         create_graph=create_graph, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
     reports = {}
     for mode, targets in [("pairs", None), ("targets", None), ("auto", ["mix"]), ("auto", None)]:
         gen = torch.Generator().manual_seed(5)  # identical batches for every run
         loss_fn, calls = _counting(prob.loss_fn)
         est = BracketEstimator(prob.model, loss_fn, prob.streams(gen))
+        autograd_calls.clear()
         rep = est.estimate(n_grad_batches=24, n_hvp_batches=9, targets=targets, n_groups=3, mode=mode)
         M = len(rep.targets)
         per_batch = {"pairs": 3 * 2, "targets": 3 * M, "auto": min(3 * M, 3 * 2)}[mode]
         assert rep.hvp_per_batch == per_batch
-        assert rep.n_hvp == est.n_hvp == 9 * per_batch  # counted at the autograd.grad calls
-        assert calls[0] == 3 * (24 + 9)  # one forward (one double-backward graph) per HVP batch per domain
+        assert rep.n_hvp == est.n_hvp == 9 * per_batch == autograd_calls.count("hvp")
+        # one double-backward graph per domain per HVP batch, shared by all its HVPs
+        assert autograd_calls.count("graph") == 3 * 9 and autograd_calls.count("grad") == 3 * 24
+        assert calls[0] == 3 * (24 + 9)  # every batch is evaluated once
         assert rep.grad_batches == 24 and rep.hvp_batches == 9 and rep.n_grad == 3 * 24
         reports[(mode, M)] = rep
     assert reports[("auto", 1)].mode == "targets" and reports[("auto", 4)].mode == "pairs"
