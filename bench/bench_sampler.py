@@ -80,6 +80,18 @@ def main() -> None:
                 per_arm[arm].extend(ts)
                 print(f"repeat {r} {arm:8s}: {1 / statistics.median(ts):6.2f} steps/s")
 
+        # paired, within one run: even steps draw from a sampler, odd steps take a pre-built batch, so
+        # load from other processes hits both alike at the finest grain
+        s1 = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.sampler_mode)
+        pcfg = cfg.replace(steps=2 * args.steps)
+
+        def paired_src(t: int):
+            return s1.next_batch(w) if t % 2 == 0 else prebuilt[(t // 2) % len(prebuilt)]
+
+        pt = step_times(pcfg, tmp / "paired", domains, paired_src)  # pt[i] is the time of step i + 1
+        even = [x for i, x in enumerate(pt) if (i + 1) % 2 == 0 and i >= args.warmup]
+        odd = [x for i, x in enumerate(pt) if (i + 1) % 2 == 1 and i >= args.warmup]
+
         # next_batch alone (what the sampler adds to a step)
         s2 = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, cfg.seed + 1, cfg.sampler_mode)
         nb = []
@@ -96,13 +108,15 @@ def main() -> None:
         "steps_per_s_sampler": 1 / med["sampler"],
         "steps_per_s_prebuilt": 1 / med["prebuilt"],
         "overhead_loop": med["sampler"] / med["prebuilt"] - 1,
+        "overhead_paired": statistics.median(even) / statistics.median(odd) - 1,
         "next_batch_ms": 1e3 * statistics.median(nb),
         "overhead_next_batch": statistics.median(nb) / med["prebuilt"],
         "tokens_per_s_prebuilt": args.batch_size * args.seq_len / med["prebuilt"],
     }
     print(json.dumps(res, indent=1))
-    print(f"sampler overhead: {100 * res['overhead_loop']:+.1f}% of a step (loop, median of "
-          f"{len(per_arm['sampler'])} steps per arm); next_batch alone {res['next_batch_ms']:.2f} ms = "
+    print(f"sampler overhead: {100 * res['overhead_loop']:+.1f}% (separate runs, median of "
+          f"{len(per_arm['sampler'])} steps per arm), {100 * res['overhead_paired']:+.1f}% (paired steps "
+          f"in one run); next_batch alone {res['next_batch_ms']:.2f} ms = "
           f"{100 * res['overhead_next_batch']:.2f}% of a step")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
