@@ -210,6 +210,18 @@ def test_checkpoint_layout_no_pickle_and_keep_last(tmp_path, corpora, cache, dom
     assert state["schedule"] == {"type": "constant", "weights": {"a": 0.5, "b": 0.5}}
     assert sum(state["tokens"].values()) == 6 * 8 * 32
     assert TrainConfig.from_yaml(tmp_path / "r" / "config.yaml") == TrainConfig.from_dict(state["config"])
+    # the loaded model reproduces the run's last validation losses; float64 on request
+    from commute.model import sequence_losses
+    from commute.train import evaluate
+
+    val = {n: d.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len) for n, d in domains.items()}
+    m32 = load_checkpoint(ck).model
+    assert evaluate(m32, val) == pytest.approx(res.val_losses, rel=1e-12)
+    by_hand = torch.cat([sequence_losses(m32, b) for b in val["a"]]).double().mean()
+    assert evaluate(m32, val)["a"] == pytest.approx(float(by_hand.detach()), rel=1e-6)
+    m64 = load_checkpoint(ck, dtype=torch.float64).model
+    assert next(m64.parameters()).dtype == torch.float64
+    assert evaluate(m64, val) == pytest.approx(res.val_losses, rel=1e-5)
 
 
 def test_crash_mid_write_leaves_the_last_good_checkpoint(tmp_path, corpora, cache, domains,
