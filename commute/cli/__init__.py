@@ -23,26 +23,24 @@ for _name in ("toy", "data", "train", "study", "bracket"):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``commute`` console script."""
+    """Entry point of the ``commute`` console script.
+
+    Typer runs in standalone mode, so usage errors (bad option values, unknown commands) are printed
+    by click with exit code 2; a :class:`CommuteError` from the API becomes one sentence on stderr.
+    """
     try:
-        app(args=argv, prog_name="commute", standalone_mode=False)
+        app(args=argv, prog_name="commute", standalone_mode=True)
     except CommuteError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console_err.print("[bold red]interrupted[/]: the last checkpoint written is intact.")
         return 130
-    except SystemExit as exc:  # typer/click exits (--help, usage errors)
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    except Exception as exc:  # click usage errors arrive as ClickException in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except SystemExit as exc:  # click's normal exit path (also --help and usage errors)
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        console_err.print(str(exc.code))
+        return 1
     return 0
 
 
