@@ -6,9 +6,9 @@ here give the same architecture at sizes a CPU can train:
 ========  =======  ======  =======  =====  ==============================
 preset    n_layer  n_embd  n_head   n_ctx  parameters (byte vocab, 256)
 ========  =======  ======  =======  =====  ==============================
-``tiny``        2     128        4    128  0.43 M
+``tiny``        2     128        4    128  0.45 M
 ``small``       4     256        4    256  3.3 M
-``gpt2``       12     768       12   1024  85.8 M (124.4 M with GPT-2's 50257 vocab)
+``gpt2``       12     768       12   1024  86.0 M (124.4 M with GPT-2's 50257 vocab)
 ========  =======  ======  =======  =====  ==============================
 
 Dropout is off in every preset: the Lie-bracket analysis is about the deterministic loss surface, and it

@@ -88,7 +88,7 @@ class TrainConfig:
     """
 
     # model
-    model: str = _f("tiny", "Model preset: tiny (0.4M params), small (3.3M) or gpt2 (124M; the paper's).")
+    model: str = _f("tiny", "Model preset: tiny (0.45M parameters), small (3.3M) or gpt2 (the paper's 124M).")
     model_overrides: dict = _f({}, "GPT2Config fields overriding the preset, e.g. {n_layer: 1, n_embd: 64}.")
     vocab_size: int | None = _f(None, "Vocabulary size; null = the tokenizer's (256 for bytes).")
     attn_implementation: str = _f("eager", "Attention kernel: eager (safe for HVPs) or sdpa (faster).")
