@@ -235,8 +235,8 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
                "Loss planes (Figs 3–4 analogue): blue, the base trajectory; coloured, θ12/θ21 for every Δw, "
                "grouped by token budget (same marker = same t0, same tokens per domain).", "",
                f"![predicted vs observed]({figs['pred']})", "",
-               "Predicted EL^12 (± stderr) against the observed antisymmetric excess; on the diagonal the "
-               "theory is exact, in the shaded quadrants the sign is right.", ""]
+               "Predicted EL^12 (± stderr) against the observed antisymmetric excess (each axis on its own "
+               "symmetric-log scale); in the shaded quadrants the predicted sign is right.", ""]
     if data.get("locality"):
         md += ["## Locality sweep: where the local theory holds", "", _locality_md(data["locality"]), ""]
         if figures:
@@ -347,13 +347,26 @@ def plot_loss_planes(data: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
-    """Predicted EL^12 with stderr bars vs observed antisymmetric excess, one panel per optimiser."""
+    """Predicted EL^12 (± stderr) vs the observed antisymmetric excess, one panel per optimiser.
+
+    Both axes are symmetric-log with their own scale (at these horizons the magnitudes can differ by
+    orders of magnitude); the shaded quadrants are where the predicted sign is right.
+    """
     plt = _plt()
     opts = list(dict.fromkeys(a["optimizer"] for a in data["arms"]))
     fig, axes = plt.subplots(1, len(opts), figsize=(5 * len(opts), 4.6), squeeze=False)
     colors = {"balanced": "tab:blue", "imbalanced": "tab:green"}
+
+    def span(vals: list[float]) -> tuple[float, float]:
+        v = [abs(x) for x in vals if x == x and x != 0]
+        if not v:
+            return 1.0, 1e-3
+        hi = max(v) * 1.5
+        return hi, max(min(v), hi * 1e-4)
+
     for ax, opt in zip(axes[0], opts, strict=True):
-        allv: list[float] = []
+        xs_all: list[float] = []
+        ys_all: list[float] = []
         for arm in data["arms"]:
             if arm["optimizer"] != opt:
                 continue
@@ -361,18 +374,18 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
                 xs = [c["per_domain"][d]["pred"] for c in arm["cells"]]
                 es = [c["per_domain"][d]["pred_stderr"] for c in arm["cells"]]
                 ys = [c["per_domain"][d]["antisym"] for c in arm["cells"]]
-                allv += [abs(v) for v in xs + ys if v == v]
+                xs_all += xs
+                ys_all += ys
                 ax.errorbar(xs, ys, xerr=es, fmt=mk, ms=4, color=colors.get(arm["variant"], "k"), alpha=0.8,
                             label=f"{arm['variant']}, L={d}", elinewidth=0.8)
-        lim = max(allv) * 1.2 if allv else 1.0
-        lt = max(min((v for v in allv if v > 0), default=1e-6), lim * 1e-4)
-        ax.fill_between([0, lim], 0, lim, color="tab:green", alpha=0.06)
-        ax.fill_between([-lim, 0], -lim, 0, color="tab:green", alpha=0.06)
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8, label="observed = predicted")
-        ax.set_xscale("symlog", linthresh=lt)
-        ax.set_yscale("symlog", linthresh=lt)
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+        xlim, xlt = span(xs_all)
+        ylim, ylt = span(ys_all)
+        ax.set_xscale("symlog", linthresh=xlt)
+        ax.set_yscale("symlog", linthresh=ylt)
+        ax.set_xlim(-xlim, xlim)
+        ax.set_ylim(-ylim, ylim)
+        ax.fill_between([0, xlim], 0, ylim, color="tab:green", alpha=0.08, label="sign right")
+        ax.fill_between([-xlim, 0], -ylim, 0, color="tab:green", alpha=0.08)
         ax.axhline(0, color="k", lw=0.5)
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xlabel("predicted EL^12 = γ²ΔwT²P (± stderr)")
@@ -394,6 +407,10 @@ def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:
         ax.plot(xs, [r[d]["ratio"] for r in loc["rows"]], mk, label=f"L = {d}")
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="theory (γT → 0)")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(xs, [f"{x:.2g}" for x in xs])
     ax.set_xlabel("γ·T·λ_max")
     ax.set_ylabel("observed antisymmetric excess / predicted")
     ax.set_title("Locality sweep (deterministic GD, float64)", fontsize=10)
