@@ -571,6 +571,11 @@ def _arm_key(cfg: StudyConfig, tc: Any) -> str:
     return config_hash({"trajectory": tc.trajectory_hash(), "val": [cfg.n_val_batches, cfg.val_batch_size]})
 
 
+def _base_dir(run_dir: Path, targets: Sequence[int]) -> Path:
+    """The base run's directory, keyed by its checkpoint steps (a run cannot add checkpoints to its past)."""
+    return run_dir / f"base-{config_hash(sorted(targets), 8)}"
+
+
 def _ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
@@ -661,7 +666,7 @@ def _run_arm(
     tc = _train_config(cfg, optimizer, variant, targets[-1], device)
     arm_key = _arm_key(cfg, tc)
     run_dir = out / "runs" / f"{optimizer}-{variant.name}-{arm_key}"
-    base_dir = run_dir / "base"
+    base_dir = _base_dir(run_dir, targets)
     cache = run_dir / "cache"
     label = f"{optimizer}/{variant.name}"
 
@@ -814,7 +819,7 @@ def _run_locality(cfg: StudyConfig, domains: Mapping[str, Any], out: Path, devic
     targets = sorted({*cfg.t0s, *(t + 2 * cfg.T for t in cfg.t0s), *cfg.extra_p_steps})
     tc = _train_config(cfg, lc.optimizer, var, targets[-1], device)
     arm_key = _arm_key(cfg, tc)
-    ckdir = _ckpt(out / "runs" / f"{lc.optimizer}-{var.name}-{arm_key}" / "base", t0)
+    ckdir = _ckpt(_base_dir(out / "runs" / f"{lc.optimizer}-{var.name}-{arm_key}", targets), t0)
     key = config_hash({"ck": str(ckdir), "loc": asdict(lc), "seed": cfg.seed})
     path = out / "locality" / f"locality-{key}.json"
     if path.is_file():
