@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["render_report", "write_csvs", "plot_loss_planes", "plot_pred_vs_obs", "plot_locality",
-           "summarise", "PAPER_TABLES"]
+__all__ = ["render_report", "write_csvs", "summary_table", "plot_loss_planes", "plot_pred_vs_obs",
+           "plot_locality", "summarise", "PAPER_TABLES"]
 
 #: The paper's Tables 2 (balanced) and 3 (imbalanced): t, L1, L2, EL1^12, EL2^12, EL1^21, EL2^21,
 #: P_{2,1;1}, P_{2,1;2} (GPT-2 124M, Adam, T = 4000, batch 512×1024).
@@ -105,6 +105,28 @@ def summarise(data: Mapping[str, Any], z_threshold: float = 2.0) -> dict[str, An
     if loc:
         out["locality_ratio_smallest_T"] = {d: loc["rows"][-1][d]["ratio"] for d in loc["domains"]}
     return out
+
+
+def summary_table(data: Mapping[str, Any]) -> Any:
+    """The sign-agreement summary as a :class:`rich.table.Table` (for the CLI and ``commute demo``)."""
+    from rich.table import Table
+
+    s = data.get("summary") or summarise(data)
+    t = Table(title="Sign agreement: predicted γ²ΔwT²P vs observed (EL^12 − EL^21)/2")
+    t.add_column("run", no_wrap=True)
+    for c in ("cells", "cells |z|>2", "t0 all right", "median obs/pred", "tokens equal"):
+        t.add_column(c)
+    for k, c in s["arms"].items():
+        t.add_row(k, f"{c['agree']}/{c['n']}", f"{c['agree_significant']}/{c['n_significant']}",
+                  f"{c['checkpoints_right']}/{c['checkpoints']}", _f(c.get("median_obs_over_pred"), ".2g"),
+                  "yes" if c["tokens_match"] else "NO")
+    a = s["all"]
+    t.add_row("all", f"{a['agree']}/{a['n']}", f"{a['agree_significant']}/{a['n_significant']}", "", "", "")
+    t.caption = "paper (Table 2, Adam): right sign at 3 of 4 checkpoints"
+    if "locality_ratio_smallest_T" in s:
+        t.caption += "; locality sweep at the smallest γT: observed/predicted = " + ", ".join(
+            f"{k} {v:.3f}" for k, v in s["locality_ratio_smallest_T"].items())
+    return t
 
 
 # --------------------------------------------------------------------------------------------------

@@ -526,7 +526,14 @@ class StudyResult:
 
     @property
     def summary(self) -> dict[str, Any]:
+        """Sign-agreement counts (see :func:`commute.report.summarise`)."""
         return self.data.get("summary", {})
+
+    def table(self) -> Any:
+        """The summary as a rich table, e.g. ``console.print(result.table())``."""
+        from commute.report import summary_table
+
+        return summary_table(self.data)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -879,6 +886,12 @@ def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path |
                log: Callable[[str], None] | None) -> StudyResult:
     """The body of :func:`run_bilingual_study` (threads already set)."""
     from commute.data import load_domains
+
+    if log is None and progress:
+        from commute.cli._app import console_err
+
+        def log(s: str) -> None:
+            console_err.print(s, highlight=False)
 
     say = log or (lambda s: None)
     domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cache_dir)

@@ -69,18 +69,6 @@ def report(out: Path = typer.Argument(..., help="A study directory holding resul
 
 
 def _print_summary(data: dict) -> None:
-    from rich.table import Table
+    from commute.report import summary_table
 
-    s = data["summary"]
-    t = Table(title="Sign agreement: predicted γ²ΔwT²P vs observed (EL^12 − EL^21)/2")
-    for c in ("run", "cells", "cells with |z|>2", "t0 all right", "tokens equal"):
-        t.add_column(c)
-    for k, c in s["arms"].items():
-        t.add_row(k, f"{c['agree']}/{c['n']}", f"{c['agree_significant']}/{c['n_significant']}",
-                  f"{c['checkpoints_right']}/{c['checkpoints']}", "yes" if c["tokens_match"] else "NO")
-    a = s["all"]
-    t.add_row("all", f"{a['agree']}/{a['n']}", f"{a['agree_significant']}/{a['n_significant']}", "", "")
-    console.print(t)
-    if "locality_ratio_smallest_T" in s:
-        console.print("Locality sweep (smallest γT): observed/predicted = "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in s["locality_ratio_smallest_T"].items()))
+    console.print(summary_table(data))
