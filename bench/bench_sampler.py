@@ -4,8 +4,9 @@ Both arms run the same :func:`commute.train.train` loop, same model, same batche
 each batch with :class:`commute.data.MixtureSampler` (per-example domain draws, counter-based streams,
 window gathering from memmaps), arm ``prebuilt`` is fed the very same batches drawn beforehand
 (``batch_source=list``). Step times are taken from a per-step callback, skipping warm-up steps; the arms
-alternate ``--repeats`` times so that load from other processes hits both alike. A second, low-noise
-figure times ``next_batch`` alone and divides by the median step time.
+alternate ``--repeats`` times (in alternating order) so that load from other processes hits both alike.
+A paired figure alternates sampler and pre-built batches step by step within one run, and a low-noise
+one times ``next_batch`` alone and divides by the median step time.
 
     python bench/bench_sampler.py                      # tiny preset on en/ru fortunes (fetched if needed)
     python bench/bench_sampler.py --synthetic --steps 60 --preset tiny --threads 1
@@ -74,7 +75,7 @@ def main() -> None:
 
         per_arm: dict[str, list[float]] = {"sampler": [], "prebuilt": []}
         for r in range(args.repeats):
-            for arm in ("sampler", "prebuilt"):
+            for arm in ("sampler", "prebuilt") if r % 2 == 0 else ("prebuilt", "sampler"):  # no order bias
                 src = None if arm == "sampler" else list(prebuilt)
                 ts = step_times(cfg, tmp / f"{arm}{r}", domains, src)[args.warmup:]
                 per_arm[arm].extend(ts)
