@@ -465,6 +465,7 @@ def test_cli_trains_resumes_and_branches(tmp_path, corpora, cache, capsys) -> No
         ("empty_data", "no text"),
         ("bad_yaml", "not valid YAML"),
         ("missing_config", "does not exist"),
+        ("nan", "training loss became"),
     ],
 )
 def test_cli_bad_input_is_one_sentence_and_nonzero(tmp_path, corpora, cache, capsys, case, expect) -> None:
@@ -485,8 +486,10 @@ def test_cli_bad_input_is_one_sentence_and_nonzero(tmp_path, corpora, cache, cap
         cfgp.write_text("steps: [1,\n")
     if case == "missing_config":
         cfgp = tmp_path / "absent.yaml"
+    if case == "nan":
+        cfg.replace(optimizer="sgd", lr=1e30, steps=4).to_yaml(cfgp)
     code, err = _cli(["train", str(cfgp), "--out", str(tmp_path / "run"), "--no-progress", *extra], capsys)
-    assert code == 2, err
+    assert code == (3 if case == "nan" else 2), err
     assert err.startswith("error:") and expect in err and "Traceback" not in err
     assert not list_checkpoints(tmp_path / "run")
 

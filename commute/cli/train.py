@@ -31,11 +31,11 @@ def train_cmd(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train the model of CONFIG on its domains; checkpoints, metrics.csv and TensorBoard go to --out.
+    """Train the model of CONFIG on its domains into --out (checkpoints, metrics.csv, TensorBoard).
 
-    Re-running the same command resumes from the last checkpoint, bitwise-identically. With
-    --branch-from CKPT --schedule S --out DIR, a new run starts at that checkpoint (weights, optimiser,
-    sampler, step) with schedule S, e.g. the paper's eq. (9) intervention.
+    Re-running the same command resumes from the last checkpoint, bitwise-identically.
+
+    --branch-from CKPT --schedule S --out DIR starts a new run at CKPT with schedule S (e.g. eq. 9).
     """
     from commute.train import TrainConfig, train
 
