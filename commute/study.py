@@ -759,7 +759,7 @@ def _run_arm(
         rep = est.estimate(cfg.n_grad_batches, cfg.n_hvp_batches, targets=[d1, d2], n_groups=cfg.n_groups)
         P = {k: rep.P(d1, d2, k).to_dict() for k in (d1, d2)}
         # λ_max and γ on one fixed batch per domain of the training mix
-        lb = {k: [next(domains[k].batches(cfg.lambda_batch_size, cfg.seq_len, seed=seed + 7))]
+        lb = {k: [next(domains[k].batches(cfg.lambda_batch_size, cfg.seq_len, seed=seed + 7)).to(device)]
               for k in (d1, d2)}
         losses = domain_losses(model, lb)
         params = model_params(model)
@@ -832,7 +832,7 @@ def _run_locality(cfg: StudyConfig, domains: Mapping[str, Any], out: Path, devic
     if path.is_file():
         return json.loads(path.read_text())
     ck = load_checkpoint(ckdir, device=device)
-    batches = {k: [next(domains[k].batches(lc.batch_size, cfg.seq_len, seed=cfg.seed + 99))]
+    batches = {k: [next(domains[k].batches(lc.batch_size, cfg.seq_len, seed=cfg.seed + 99)).to(device)]
                for k in cfg.domain_names}
     res = locality_sweep(ck.model, batches, var.base, lc.delta_w, lc.T_grid,
                          lr_times_lambda=lc.lr_times_lambda, lambda_iters=cfg.lambda_iters, progress=log)
@@ -894,6 +894,8 @@ def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path |
             console_err.print(s, highlight=False)
 
     say = log or (lambda s: None)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cache_dir)
     val = {k: domains[k].val_batches(cfg.n_val_batches, cfg.val_batch_size, cfg.seq_len)
            for k in cfg.domain_names}
