@@ -93,6 +93,14 @@ def summarise(data: Mapping[str, Any], z_threshold: float = 2.0) -> dict[str, An
             for t0 in t0s
         )
         ratios = [c["antisym"] / c["pred"] for c in cells if c["pred"] != 0]
+        # recency: the domain boosted last ends better, i.e. antisym > 0 for domain 1, < 0 for domain 2
+        d1 = data["domains"][0]
+        sgn = [(1 if d == d1 else -1, pd) for c in arm["cells"] for d, pd in c["per_domain"].items()]
+        locs = [c.get("locality", math.nan) for c in arm["cells"]]
+        counts.update({"recency_observed": sum(s * pd["antisym"] > 0 for s, pd in sgn),
+                       "recency_predicted": sum(s * pd["pred"] > 0 for s, pd in sgn),
+                       "locality_min": float(np.nanmin(locs)) if locs else math.nan,
+                       "locality_max": float(np.nanmax(locs)) if locs else math.nan})
         counts.update({"median_obs_over_pred": float(np.median(ratios)) if ratios else math.nan,
                        "checkpoints": len(t0s), "checkpoints_right": right,
                        "tokens_match": all(c.get("tokens_match", False) for c in arm["cells"])})
@@ -240,6 +248,18 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
                    "median observed/predicted", "token totals equal"], rows), ""]
     md += ["The paper (Table 2, Adam, GPT-2 124M) reports the right sign at 3 of 4 checkpoints. "
            "A cell is one (t0, Δw, domain).", ""]
+    md += ["### Reading", ""]
+    for key, c in summary["arms"].items():
+        lm = c["locality_max"]
+        how = ("local: magnitudes should hold" if lm < 0.05 else
+               "moderately local: magnitudes approximate" if lm < 1 else
+               "far outside the local regime: trust signs at most")
+        md.append(
+            f"- **{key}**: γTλ_max = {_f(c['locality_min'], '.2g')}–{_f(lm, '.2g')} ({how}); "
+            f"the domain boosted last ended better in {c['recency_observed']}/{c['n']} cells, and P predicted "
+            f"that in {c['recency_predicted']}/{c['n']}."
+        )
+    md.append("")
     if "locality_ratio_smallest_T" in summary:
         r = summary["locality_ratio_smallest_T"]
         md += ["Locality sweep, smallest T: observed/predicted = "
