@@ -256,8 +256,8 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
                "far outside the local regime: trust signs at most")
         md.append(
             f"- **{key}**: γTλ_max = {_f(c['locality_min'], '.2g')}–{_f(lm, '.2g')} ({how}); "
-            f"the domain boosted last ended better in {c['recency_observed']}/{c['n']} cells, and P predicted "
-            f"that in {c['recency_predicted']}/{c['n']}."
+            f"the domain boosted last ended better in {c['recency_observed']}/{c['n']} cells, "
+            f"and P predicted that in {c['recency_predicted']}/{c['n']}."
         )
     md.append("")
     if "locality_ratio_smallest_T" in summary:
