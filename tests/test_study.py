@@ -271,6 +271,22 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
     assert again.data["arms"] == json.loads(json.dumps(res.data["arms"]))
     assert again.data["summary"] == res.data["summary"]
 
+    # an unfinished branch (its result missing, e.g. killed mid-run) is the only thing redone, identically
+    monkeypatch.undo()
+    (branch,) = [p for p in (out / "runs").glob("sgd-*/branches/*-21-*") if (p / "result.json").is_file()]
+    (branch / "result.json").unlink()
+    calls: list[str] = []
+    real_train = commute.train.train
+
+    def counting(*a, **k):
+        calls.append(str(a[1]))
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(commute.train, "train", counting)
+    third = run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    assert calls == [str(branch)]
+    assert third.data["arms"] == again.data["arms"]
+
 
 def test_study_cli_report_rerender(tmp_path: Path) -> None:
     from commute.cli import main
