@@ -8,18 +8,9 @@ from __future__ import annotations
 
 import sys
 
+from commute.cli import data, demo, study, toy, train  # noqa: F401  (each registers its commands)
 from commute.cli._app import app, console_err
 from commute.errors import CommuteError
-
-# Sub-modules register their commands on import.
-from commute.cli import demo as _demo  # noqa: F401,E402
-
-for _name in ("toy", "data", "train", "study", "bracket"):
-    try:
-        __import__(f"commute.cli.{_name}")
-    except ModuleNotFoundError as exc:  # a command group that is not written yet
-        if exc.name != f"commute.cli.{_name}":
-            raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ from rich.console import Console
 
 app = typer.Typer(
     name="commute",
-    help="Does the order of your training domains cost you? Lie-bracket diagnostics for multi-domain training.",
+    help="Does the order of your training domains cost you? "
+    "Lie-bracket diagnostics for multi-domain training.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
