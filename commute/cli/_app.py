@@ -13,5 +13,5 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-console_err = Console(stderr=True)
+console = Console(soft_wrap=True)  # log lines are not re-wrapped at 80 columns in CI logs
+console_err = Console(stderr=True, soft_wrap=True)
