@@ -34,6 +34,7 @@ __all__ = [
     "grad",
     "hvp",
     "hvps",
+    "graph_hvps",
     "lie_bracket",
     "bracket_projection",
     "tree_dot",
@@ -108,26 +109,39 @@ def grad(loss: Loss, params: Params) -> Params:
     return _rebuild(keys, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs, strict=True)])
 
 
+def graph_hvps(
+    gs: Sequence[Tensor | None], leaves: Sequence[Tensor], vectors: Sequence[Sequence[Tensor]]
+) -> list[list[Tensor]]:
+    """H v for each v in ``vectors``, from one gradient graph ``gs = grad(L, leaves, create_graph=True)``.
+
+    H v = grad <g, v> (Pearlmutter 1994), ``retain_graph`` between the products. Leaves the loss does not
+    use, or uses only linearly, have no second-order graph: their rows of H v are zero.
+    """
+    live = [n for n, g in enumerate(gs) if g is not None and g.requires_grad]
+    out: list[list[Tensor]] = []
+    for m, v in enumerate(vectors):
+        if not live:  # the loss is (at most) linear in the parameters: H = 0
+            out.append([torch.zeros_like(x) for x in leaves])
+            continue
+        hv = torch.autograd.grad(
+            [gs[n] for n in live], leaves, grad_outputs=[v[n] for n in live],
+            retain_graph=m < len(vectors) - 1, allow_unused=True,
+        )
+        out.append([torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hv, strict=True)])
+    return out
+
+
 def hvps(loss: Loss, params: Params, vs: Sequence[Params]) -> list[Params]:
     """Hessian-vector products H v for several v, sharing one double-backward graph.
 
     Reverse-over-reverse (Pearlmutter 1994): build g = grad L with ``create_graph=True`` once, then
-    H v = grad <g, v> for each v. On CPU the shared graph costs about 1.4x a gradient per product
-    (DESIGN.md §2).
+    H v = grad <g, v> for each v (:func:`graph_hvps`).
     """
     keys, leaves = _fresh(params)
     value = loss(_rebuild(keys, leaves))
     gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-    gs = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs, strict=True))
-    out: list[Params] = []
-    for n, v in enumerate(vs):
-        _, vl = _leaves(v) if keys is None else (None, tuple(v[k] for k in keys))  # type: ignore[index]
-        hv = torch.autograd.grad(
-            gs, leaves, grad_outputs=vl, retain_graph=n < len(vs) - 1, allow_unused=True
-        )
-        out.append(_rebuild(keys, [torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hv,
-                                                                                           strict=True)]))
-    return out
+    vls = [_leaves(v)[1] if keys is None else tuple(v[k] for k in keys) for v in vs]  # type: ignore[index]
+    return [_rebuild(keys, hv) for hv in graph_hvps(gs, leaves, vls)]
 
 
 def hvp(loss: Loss, params: Params, v: Params, mode: HvpMode = "rev-rev") -> Params:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from commute.bracket import graph_hvps
 from commute.errors import CommuteError
 
 __all__ = ["Estimate", "BracketEstimator", "BracketReport", "LossFn", "DEFAULT_MIX_NAME"]
@@ -311,20 +312,8 @@ class BracketEstimator:
     def _hvps(self, loss: Tensor, vectors: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
         """H v for every v in ``vectors``, one double-backward graph (create_graph once, retain_graph)."""
         gs = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        live = [n for n, g in enumerate(gs) if g is not None and g.requires_grad]
-        out: list[list[Tensor]] = []
-        for m, v in enumerate(vectors):
-            self.n_hvp += 1
-            if not live:  # the loss is linear in the parameters: H = 0
-                out.append([torch.zeros_like(p) for p in self.params])
-                continue
-            hv = torch.autograd.grad(
-                [gs[n] for n in live], self.params, grad_outputs=[v[n] for n in live],
-                retain_graph=m < len(vectors) - 1, allow_unused=True,
-            )
-            out.append([torch.zeros_like(p) if h is None else h
-                        for p, h in zip(self.params, hv, strict=True)])
-        return out
+        self.n_hvp += len(vectors)
+        return graph_hvps(gs, self.params, vectors)
 
     def _mean_grad(self, name: str, it: Iterator[Any], n: int, start: int, losses: list[float],
                    tick: Callable[[], None]) -> list[Tensor]:

@@ -301,3 +301,25 @@ def test_reordering_excess_loss(target):
     assert abs(rel[-1]) < 0.1
     for e_big, e_small in zip(rel, rel[1:], strict=False):
         assert 1.6 < e_big / e_small < 2.5, rel
+
+
+def test_hvps_with_unused_and_linear_parameters():
+    """A frozen/unused leaf and a leaf entering linearly have zero Hessian rows (no autograd error)."""
+    gen = torch.Generator().manual_seed(7)
+    A = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    A = A @ A.T
+    c = torch.randn(3, generator=gen, dtype=torch.float64)
+    p = {"x": torch.randn(4, generator=gen, dtype=torch.float64),
+         "lin": torch.randn(3, generator=gen, dtype=torch.float64),
+         "unused": torch.randn(2, generator=gen, dtype=torch.float64)}
+
+    def loss(q):
+        return 0.5 * q["x"] @ A @ q["x"] + c @ q["lin"]
+
+    v = {k: torch.randn_like(t) for k, t in p.items()}
+    hv = hvp(loss, p, v)
+    torch.testing.assert_close(hv["x"], A @ v["x"], rtol=1e-12, atol=0)
+    assert torch.count_nonzero(hv["lin"]) == 0 and torch.count_nonzero(hv["unused"]) == 0
+    # a loss linear in every parameter: H = 0
+    (h0,) = hvps(lambda q: c @ q["lin"], p, [v])
+    assert all(torch.count_nonzero(t) == 0 for t in h0.values())
