@@ -207,7 +207,7 @@ def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     return out
 
 
-def _sdpa_math() -> Any:
+def math_attention() -> Any:
     """Restrict scaled_dot_product_attention to the MATH backend (double backward works; DESIGN.md §2)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -387,7 +387,7 @@ class BracketEstimator:
         modes = [(m, m.training) for m in self.model.modules()]
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_sdpa_math())
+            stack.enter_context(math_attention())
             bar = _Progress(progress, G * K * (2 * n_half + n_h), f"bracket ({mode}, K={K})")
             stack.enter_context(bar)
             self.model.eval()

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from commute.bracket import Params, hvps, lie_bracket, tree_dot, tree_scale
 from commute.errors import CommuteError
+from commute.estimate import math_attention
 
 __all__ = [
     "VariantConfig",
@@ -162,10 +163,25 @@ class StudyConfig:
                 raise CommuteError(
                     f"Variant {v.name!r} weights {sorted(v.base)} do not match domains {sorted(names)}."
                 )
-            d1, d2 = self.domain_names
+            room = min(min(w, 1 - w) for w in v.base.values())  # both θ12 and θ21 must stay in [0, 1]
             for dw in v.delta_ws:
-                if not (0 < dw <= min(v.base[d2], 1 - v.base[d1]) + 1e-12):
-                    raise CommuteError(f"Variant {v.name!r}: delta_w={dw} pushes a weight outside [0, 1].")
+                if not (0 < dw <= room + 1e-12):
+                    raise CommuteError(f"Variant {v.name!r}: delta_w={dw} pushes a weight outside [0, 1] "
+                                       f"in θ12 or θ21 (at most {room:g} here).")
+        if self.locality.enabled and self.variants:
+            lv = _locality_variant(self)
+            if not 0 < self.locality.delta_w <= min(min(w, 1 - w) for w in lv.base.values()) + 1e-12:
+                raise CommuteError(f"locality.delta_w={self.locality.delta_w} pushes a weight of the "
+                                   f"{lv.name!r} mix outside [0, 1].")
+        # The prediction gamma^2 dw T^2 P takes gamma = lr for constant-step plain descent (DESIGN.md §1);
+        # refuse settings that would silently change the effective step.
+        changed = {k: v for k, v in self.train_overrides.items()
+                   if k in _GAMMA_FIELDS and v != _GAMMA_FIELDS[k]}
+        if changed:
+            raise CommuteError(
+                f"train_overrides {changed} change the effective step size, which the prediction "
+                "gamma^2*dw*T^2*P (gamma = lr) does not model; remove them from the study config."
+            )
         if self.locality.enabled and self.locality.optimizer not in self.optimizers:
             raise CommuteError(
                 f"The locality sweep starts from the {self.locality.optimizer!r} run, which the study does "
@@ -203,7 +219,7 @@ class StudyConfig:
         return cls.from_dict(yaml.safe_load(p.read_text()) or {})
 
 
-#: The presets (the reasoning is in docs/readme/study.md). ``tiny`` is the README's main job (~15-20 min
+#: The presets (the reasoning is in the README, "Presets"). ``tiny`` is the README's main job (~15-20 min
 #: on a shared 2-core CPU for both optimisers): a 2-layer 64-wide GPT-2 on bytes (0.12 M parameters,
 #: ~60-80 ms per 20×64-token step here on one thread), T = 50, three t0s in the first 500 steps, the
 #: paper's balanced Δw grid and an imbalanced grid on multiples of 1/20 so that the ``exact`` sampler
@@ -777,7 +793,8 @@ def _run_arm(
             num = sum(float((g[k] * g[k] / D[k]).sum()) for k in g)
             den = sum(float((g[k] * g[k]).sum()) for k in g)
             entry["gamma_eff"] = lr * num / den
-        entry["lambda_max"] = abs(hessian_lambda_max(mix, params, D, iters=cfg.lambda_iters))
+        with math_attention():  # fused SDPA kernels have no double backward (DESIGN.md §2)
+            entry["lambda_max"] = abs(hessian_lambda_max(mix, params, D, iters=cfg.lambda_iters))
         entry["lambda_of"] = "D^-1/2 H D^-1/2 (Adam)" if D is not None else "H"
         _atomic_json(path, entry)
         checkpoints.append(entry)
@@ -821,7 +838,7 @@ def _run_locality(cfg: StudyConfig, domains: Mapping[str, Any], out: Path, devic
     lc = cfg.locality
     if not lc.enabled:
         return None
-    var = next((v for v in cfg.variants if v.name == "balanced"), cfg.variants[0])
+    var = _locality_variant(cfg)
     t0 = cfg.t0s[lc.t0_index]
     targets = sorted({*cfg.t0s, *(t + 2 * cfg.T for t in cfg.t0s), *cfg.extra_p_steps})
     tc = _train_config(cfg, lc.optimizer, var, targets[-1], device)
@@ -834,12 +851,23 @@ def _run_locality(cfg: StudyConfig, domains: Mapping[str, Any], out: Path, devic
     ck = load_checkpoint(ckdir, device=device)
     batches = {k: [next(domains[k].batches(lc.batch_size, cfg.seq_len, seed=cfg.seed + 99)).to(device)]
                for k in cfg.domain_names}
-    res = locality_sweep(ck.model, batches, var.base, lc.delta_w, lc.T_grid,
-                         lr_times_lambda=lc.lr_times_lambda, lambda_iters=cfg.lambda_iters, progress=log)
+    with math_attention():  # fused SDPA kernels have no double backward (DESIGN.md §2)
+        res = locality_sweep(ck.model, batches, var.base, lc.delta_w, lc.T_grid,
+                             lr_times_lambda=lc.lr_times_lambda, lambda_iters=cfg.lambda_iters, progress=log)
     res["source"] = f"the {lc.optimizer} {var.name} base checkpoint at step {t0}"
     res["batch_size"] = lc.batch_size
     _atomic_json(path, res)
     return res
+
+
+def _locality_variant(cfg: StudyConfig) -> VariantConfig:
+    """The variant whose base run the locality sweep starts from (balanced if there is one)."""
+    return next((v for v in cfg.variants if v.name == "balanced"), cfg.variants[0])
+
+
+#: TrainConfig fields that would change the effective step gamma away from lr, with their neutral values.
+_GAMMA_FIELDS: dict[str, Any] = {"momentum": 0.0, "lr_schedule": "constant", "warmup_steps": 0,
+                                 "grad_clip": 0.0}
 
 
 def run_bilingual_study(
