@@ -169,6 +169,76 @@ def test_summary_checkpoint_criterion() -> None:
     assert s["all"]["n"] == 4 * 8
 
 
+def _set_cells(arm: dict, pattern: dict, se: dict, locality: float) -> None:
+    """Overwrite an arm's cells: pattern[(t0, domain)] = (pred sign, [antisym sign per Δw in order])."""
+    for c in sorted(arm["cells"], key=lambda c: (c["t0"], c["delta_w"])):
+        i = sorted(x["delta_w"] for x in arm["cells"] if x["t0"] == c["t0"]).index(c["delta_w"])
+        c["locality"] = locality
+        for d, pd in c["per_domain"].items():
+            sp, obs = pattern[(c["t0"], d)]
+            pd.update({"pred": float(sp), "pred_stderr": se[d], "antisym": float(obs[i]), "z": sp / se[d],
+                       "agree": sp * obs[i] > 0})
+
+
+def test_summary_per_prediction_count_recency_baseline_and_t_threshold(tmp_path: Path) -> None:
+    data = _synthetic(2)
+    a0, a1 = data["arms"][0], data["arms"][1]  # adam/balanced, adam/imbalanced; t0 10, 20; Δw 0.1, 0.2
+    # en (domain 1) cells |z| = 2.3: significant at |z| > 2 but not at t_0.975(5) = 2.571; ru cells |z| = 3
+    se = {"en": 1 / 2.3, "ru": 1 / 3}
+    _set_cells(a0, {(10, "en"): (+1, [+1, +1]),  # P right 2/2; recency (en: antisym > 0) right 2/2
+                    (10, "ru"): (+1, [-1, +1]),  # P 1/2 (tie); recency (ru: antisym < 0) 1/2 (tie)
+                    (20, "en"): (-1, [-1, -1]),  # P right 2/2; recency wrong 0/2
+                    (20, "ru"): (-1, [-1, -1])},  # P right 2/2; recency right 2/2
+               se, locality=0.005)
+    _set_cells(a1, {(10, "en"): (+1, [-1, -1]), (10, "ru"): (+1, [-1, -1]),  # P wrong; recency en ✗, ru ✓
+                    (20, "en"): (+1, [-1, -1]), (20, "ru"): (+1, [-1, -1])}, se, locality=0.04)
+    s = summarise(data)
+    c0, c1, adam = s["arms"]["adam/balanced"], s["arms"]["adam/imbalanced"], s["optimizers"]["adam"]
+    assert (c0["predictions"], c0["predictions_right"], c0["predictions_tied"]) == (4, 3, 1)
+    assert (c0["recency_predictions_right"], c0["recency_predictions_tied"]) == (2, 1)
+    assert (c0["agree"], c0["recency_observed"], c0["n"]) == (7, 5, 8)
+    assert (c1["predictions_right"], c1["recency_predictions_right"], c1["predictions_tied"]) == (0, 2, 0)
+    assert (c1["agree"], c1["recency_observed"]) == (0, 4)
+    assert (adam["predictions"], adam["predictions_right"], adam["recency_predictions_right"]) == (8, 3, 4)
+    assert (adam["agree"], adam["recency_observed"], adam["n"]) == (7, 9, 16)
+    assert s["all"]["predictions"] == 16 and s["all"]["n"] == 32
+    for k in ("predictions_right", "recency_predictions_right", "agree", "recency_observed", "n_significant"):
+        assert s["all"][k] == sum(c[k] for c in s["arms"].values()), k
+    # significance: t_0.975 with dof = groups − 1 = 5 (P's "n" is 6), the former |z| > 2 kept alongside
+    assert c0["dof"] == [5] and c0["thresholds"] == [pytest.approx(2.5705818, rel=1e-6)]
+    assert (c0["n_significant"], c0["agree_significant"]) == (4, 3)  # the ru cells only
+    assert (c0["n_significant_z2"], c0["agree_significant_z2"]) == (8, 7)
+    assert c0["lambda_of"] == "D^-1/2 H D^-1/2 (Adam)" and s["arms"]["sgd/balanced"]["lambda_of"] == "H"
+
+    data["summary"] = s
+    md = render_report(data, tmp_path, figures=False).read_text()
+    assert "| adam/balanced | 3/4 | 2/4 | 7/8 | 5/8 | 3/4 | " in md
+    assert "| **adam (all)** | 7/8 | " not in md and "| **adam (all)** | 3/8 | 4/8 | 7/16 | 9/16 | " in md
+    for needle in ("predictions right (per t0×domain)", "recency baseline (per t0×domain)",
+                   "t_0.975(5) = 2.571", "strict majority", "local: magnitude within a few %",
+                   "near-local: magnitude within ~20 %", "far outside the local regime",
+                   "λ_max of D^-1/2 H D^-1/2", "λ_max of H"):
+        assert needle in md, needle
+    a = s["all"]
+    verdict = ("P beats" if a["predictions_right"] > a["recency_predictions_right"] else
+               "P does no better than" if a["predictions_right"] == a["recency_predictions_right"] else
+               "P does worse than")
+    assert f"{verdict} the naive recency baseline" in md
+    assert "|P/se| > 2 " not in md and "falls back" not in md
+
+    # no group count stored: the threshold falls back to |P/se| > 2, and the report says so
+    for ck in a0["checkpoints"]:
+        for p in ck["P"].values():
+            del p["n"]
+    s2 = summarise(data)
+    c0 = s2["arms"]["adam/balanced"]
+    assert c0["dof_missing"] and c0["thresholds"] == [2.0]
+    assert (c0["n_significant"], c0["agree_significant"]) == (8, 7)
+    data["summary"] = s2
+    md = render_report(data, tmp_path, figures=False).read_text()
+    assert "falls back to |P/se| > 2" in md
+
+
 # --------------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------------
