@@ -253,7 +253,7 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 _OWN_FILES_HINT = (
-    "point commute at your own text instead, e.g. `--domain en=path/to/english.txt` "
+    "point commute at your own text instead, e.g. `en=path/to/english.txt` "
     "(a .txt, .jsonl, a directory of text files or a Hugging Face save_to_disk directory)"
 )
 

@@ -286,6 +286,7 @@ class TrainResult:
     elapsed: float  #: seconds spent in this call
     tokens_per_second: float  #: training throughput in this call
     metrics_path: Path
+    val_step: int | None = None  #: the step at which ``val_losses`` were measured (None: none this call)
 
 
 @dataclass
@@ -779,7 +780,7 @@ def train(
     Raises :class:`CommuteError` (one sentence) for bad input, :class:`NonFiniteLossError` if the loss
     becomes NaN/inf (the last good checkpoint is left intact).
     """
-    from commute.schedule import Constant, FromCallable, parse_schedule
+    from commute.schedule import Constant, FromCallable, Intervention, parse_schedule
 
     out_dir = Path(out_dir)
     # ---- configuration, resume / branch decision ---------------------------------------------------
@@ -843,6 +844,9 @@ def train(
         names = list(sched.domains)
     if not isinstance(sched, FromCallable):
         cfg = cfg.replace(schedule=sched.to_dict())
+    if parent_state is not None and isinstance(sched, Intervention) and int(parent_state["step"]) > sched.t0:
+        raise CommuteError(f"the intervention starts at t0={sched.t0} but the branch starts at step "
+                           f"{int(parent_state['step'])}; branch from the checkpoint at step {sched.t0}.")
 
     # ---- compatibility with the checkpoint we continue from -----------------------------------------
     if base_state is not None:
@@ -977,11 +981,12 @@ def train(
                 return p
 
             last_val: dict[str, float] = {}
+            last_val_step: int | None = None
 
             def do_eval(at: int) -> dict[str, float]:
-                nonlocal last_val
+                nonlocal last_val, last_val_step
                 if val_batches:
-                    last_val = evaluate(model, val_batches)
+                    last_val, last_val_step = evaluate(model, val_batches), at
                 return last_val
 
             if resume_state is None and val_batches:  # fresh run or new branch: evaluate the start point
@@ -1109,5 +1114,6 @@ def train(
                 metrics.close()
             torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
     return TrainResult(out_dir=out_dir, step=step, checkpoint=last_ck, losses=losses,
-                       val_losses=dict(last_val), tokens=dict(tokens), elapsed=elapsed,
+                       val_losses=dict(last_val), val_step=last_val_step, tokens=dict(tokens),
+                       elapsed=elapsed,
                        tokens_per_second=tok_total / max(elapsed, 1e-9), metrics_path=out_dir / "metrics.csv")

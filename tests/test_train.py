@@ -502,3 +502,27 @@ def test_cli_process_prints_no_traceback(tmp_path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "optimizer must be one of" in " ".join(proc.stderr.split())
+
+
+def test_branch_after_the_intervention_start_is_refused(tmp_path, corpora, cache, domains) -> None:
+    """A branch at step 4 with an intervention starting at t0=2 would skip part of it: refused."""
+    from commute.schedule import Intervention
+
+    cfg = make_cfg(corpora, cache, steps=8, optimizer="sgd", lr=0.1, ckpt_steps=[4])
+    train(cfg, tmp_path / "parent", domains=domains, progress=False)
+    ck4 = tmp_path / "parent" / "checkpoints" / "step_00000004"
+    late = Intervention({"a": 0.5, "b": 0.5}, "a", "b", 0.2, t0=2, T=2)
+    with pytest.raises(CommuteError, match="t0=2 but the branch starts at step 4"):
+        train(cfg, tmp_path / "late", branch_from=ck4, schedule=late, domains=domains, progress=False)
+    assert not list_checkpoints(tmp_path / "late")
+    on_time = Intervention({"a": 0.5, "b": 0.5}, "a", "b", 0.2, t0=4, T=2)
+    assert train(cfg, tmp_path / "ok", branch_from=ck4, schedule=on_time, domains=domains,
+                 progress=False).step == 8
+
+
+def test_result_says_when_its_validation_loss_was_measured(tmp_path, corpora, cache, domains) -> None:
+    cfg = make_cfg(corpora, cache, steps=8, eval_every=4)
+    res = train(cfg, tmp_path / "run", domains=domains, max_steps=6, progress=False)
+    assert res.step == 6 and res.val_step == 4  # evaluated at 0 and 4, not at the early stop
+    again = train(cfg, tmp_path / "run", domains=domains, max_steps=6, progress=False)
+    assert again.val_step is None and again.val_losses == {}

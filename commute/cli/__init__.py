@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     except CommuteError as exc:
         console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:  # a path the user gave cannot be read or written
+        where = f" ({exc.filename})" if exc.filename else ""
+        console_err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}; files already written are "
+                          "kept.", highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         console_err.print("[bold red]interrupted[/]: the last checkpoint written is intact.")
         return 130

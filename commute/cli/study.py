@@ -62,7 +62,13 @@ def report(out: Path = typer.Argument(..., help="A study directory holding resul
     path = out / "results.json"
     if not path.is_file():
         raise CommuteError(f"{path} does not exist; run `commute study bilingual --out {out}` first.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "arms" not in data:
+            raise ValueError
+    except ValueError:
+        raise CommuteError(f"{path} is damaged or incomplete; re-run `commute study bilingual --out {out}` "
+                           "to rebuild it (finished runs are reused).") from None
     data["summary"] = summarise(data)
     console.print(f"Report: [bold]{render_report(data, out).resolve()}[/]")
     _print_summary(data)

@@ -55,7 +55,8 @@ def train_cmd(
                    progress=progress)
     val = "  ".join(f"{k} {v:.4f}" for k, v in result.val_losses.items())
     tokens = "  ".join(f"{k} {v:,}" for k, v in result.tokens.items())
-    console.print(f"step {result.step}: validation loss {val or 'n/a'}; tokens trained on {tokens}",
+    at = f" (at step {result.val_step})" if result.val_step is not None else " n/a (no evaluation this call)"
+    console.print(f"step {result.step}: validation loss{at} {val}; tokens trained on {tokens}",
                   soft_wrap=True)
     console.print(f"{result.tokens_per_second:,.0f} tokens/s; checkpoint {result.checkpoint}; "
                   f"metrics {result.metrics_path}", soft_wrap=True)
