@@ -554,6 +554,14 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out, write the PNG and free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_loss_planes(data: Mapping[str, Any], path: str | Path) -> Path:
     """Figures 3–4 analogue: per arm, the (L1, L2) plane with the base trajectory and the branches."""
     plt = _plt()
@@ -585,10 +593,7 @@ def plot_loss_planes(data: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_title(_arm_name(arm), fontsize=9)
         ax.legend(fontsize=6, loc="upper right")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
@@ -637,10 +642,7 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_ylabel("observed (EL^12 − EL^21)/2")
         ax.set_title(f"{opt}: prediction vs observation", fontsize=10)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:
@@ -661,7 +663,4 @@ def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_title("Locality sweep (deterministic GD, float64)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from commute.errors import CommuteError
 from commute.model import PRESETS, build_model, count_parameters, lm_loss, model_config, sequence_losses
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and least disturbed by other processes) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt2_param_count(n_layer: int, d: int, n_ctx: int, vocab: int, n_inner: int | None = None) -> int:

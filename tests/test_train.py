@@ -24,13 +24,7 @@ from commute.train import TrainConfig, find_checkpoint, list_checkpoints, load_c
 TIMING = ("tokens_per_s", "elapsed_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and least disturbed by other processes) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
