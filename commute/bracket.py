@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ __all__ = [
     "graph_hvps",
     "lie_bracket",
     "bracket_projection",
+    "reorder_excess",
+    "intervention_excess",
+    "antisymmetric_excess",
     "tree_dot",
     "tree_add",
     "tree_sub",
@@ -188,3 +191,25 @@ def bracket_projection(
     """
     r = lie_bracket(loss_i, loss_j, params, mode)
     return float(tree_dot(r, grad(loss_target, params)))
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper's predictions from P (docs/design.md §1; each relation checked by simulation in the tests)
+# --------------------------------------------------------------------------------------------------
+def reorder_excess(P: Any, dt: float) -> Any:
+    """Theorem 3.1: dt on L_i then dt on L_j, against 2 dt on (L_i + L_j)/2 under gradient flow, changes L
+    by (dt² / 2)·P(L_i, L_j; L) + O(dt³)."""
+    return dt**2 / 2 * P
+
+
+def intervention_excess(P: Any, delta_w: float, steps: int, lr: float) -> Any:
+    """Cor. 3.2a with ε = γT, δ = Δw: the eq. (9)/(10) intervention (w_i + Δw for T steps of learning rate
+    γ, then w_i − Δw for T steps, w_j mirrored) changes L by EL^ij ≈ γ²·Δw·T²·P, with P = P(X, Y; L),
+    X = L_i − L_j, Y = Σ_k w_k L_k (= P(L_i, L_j; L) for two domains). Works on arrays of P samples."""
+    return lr**2 * delta_w * steps**2 * P
+
+
+def antisymmetric_excess(el_ij: Any, el_ji: Any) -> Any:
+    """(EL^ij − EL^ji) / 2: the part of an intervention's excess loss that is odd in Δw. Discrete steps add
+    a term of order γ²TΔw² to both orders; this cancels it, so it is what a prediction is compared with."""
+    return 0.5 * (el_ij - el_ji)

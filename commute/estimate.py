@@ -44,7 +44,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from commute.bracket import graph_hvps
+from commute.curvature import math_attention
 from commute.errors import CommuteError
 
 __all__ = ["Estimate", "BracketEstimator", "BracketReport", "LossFn", "DEFAULT_MIX_NAME"]
@@ -205,15 +206,6 @@ def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
             for o, t in zip(out, vec, strict=True):
                 o.add_(t, alpha=float(w))
     return out
-
-
-def math_attention() -> Any:
-    """Restrict scaled_dot_product_attention to the MATH backend (double backward works; DESIGN.md §2)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - old torch
-        return nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 # --------------------------------------------------------------------------------------------------
