@@ -35,6 +35,8 @@ __all__ = [
     "Intervention",
     "FromCallable",
     "check_weights",
+    "check_delta_w",
+    "delta_w_room",
     "load_schedule",
     "save_schedule",
     "parse_schedule",
@@ -98,6 +100,26 @@ def _check_step(x: Any, name: str, minimum: int = 0) -> int:
     if isinstance(x, bool) or not isinstance(x, int | float) or x != int(x) or int(x) < minimum:
         raise CommuteError(f"{name} must be an integer >= {minimum}, got {x!r}.")
     return int(x)
+
+
+def delta_w_room(base: Mapping[str, float], first: str, second: str) -> float:
+    """The largest |Δw| for which both orders of the eq. (9)/(10) intervention keep w_first and w_second in
+    [0, 1]: min(w_first, w_second, 1 − w_first, 1 − w_second)."""
+    lo, hi = min(base[first], base[second]), max(base[first], base[second])
+    return min(lo, 1 - hi)
+
+
+def check_delta_w(
+    base: Mapping[str, float], first: str, second: str, delta_w: float, where: str = ""
+) -> None:
+    """Raise :class:`CommuteError` when Δw pushes a weight of θ12 or θ21 outside [0, 1] (the one check of
+    the intervention's bounds: schedules, the study's config and the estimator's predictions use it)."""
+    room = delta_w_room(base, first, second)
+    if abs(delta_w) > room + 1e-12:
+        raise CommuteError(
+            f"{where}delta_w={delta_w:g} pushes a weight outside [0, 1] (base {first}={base[first]:g}, "
+            f"{second}={base[second]:g}); use |delta_w| <= {room:g}."
+        )
 
 
 class Schedule(ABC):
@@ -316,13 +338,7 @@ class Intervention(Schedule):
             raise CommuteError(f"the intervention's delta_w must be a number, got {delta_w!r}.") from None
         if not math.isfinite(dw):
             raise CommuteError(f"the intervention's delta_w must be finite, got {delta_w!r}.")
-        lo = min(self.base[first], self.base[second])
-        hi = max(self.base[first], self.base[second])
-        if abs(dw) > lo + 1e-12 or hi + abs(dw) > 1 + 1e-12:
-            raise CommuteError(
-                f"delta_w={dw:g} pushes a weight outside [0, 1] (base {first}={self.base[first]:g}, "
-                f"{second}={self.base[second]:g}); use |delta_w| <= {min(lo, 1 - hi):g}."
-            )
+        check_delta_w(self.base, first, second, dw)
         self.first, self.second, self.delta_w = first, second, dw
         self.t0 = _check_step(t0, "the intervention start t0")
         self.T = _check_step(T, "the intervention length T", minimum=1)
