@@ -71,12 +71,17 @@ def _map2(f: Callable[[Tensor, Tensor], Tensor], a: Params, b: Params) -> Params
     return _rebuild(ka, [f(x, y) for x, y in zip(la, lb, strict=True)])
 
 
-def tree_dot(a: Params, b: Params) -> Tensor:
-    """Euclidean inner product <a, b> summed over all leaves (a 0-d tensor)."""
+def tree_dot(a: Params, b: Params, dtype: torch.dtype | None = None) -> Tensor:
+    """Euclidean inner product <a, b> summed over all leaves (a 0-d tensor).
+
+    ``dtype`` is the accumulation dtype (default: the leaves'); ``torch.float64`` sums the leaf-wise
+    products of float32 parameters without float32 round-off over millions of terms.
+    """
     ka, la = _leaves(a)
     _, lb = _leaves(b) if ka is None else (None, tuple(b[k] for k in ka))  # type: ignore[index]
-    return sum((torch.sum(x * y) for x, y in zip(la, lb, strict=True)), torch.zeros((), dtype=la[0].dtype,
-                                                                                device=la[0].device))
+    acc = dtype or la[0].dtype
+    return sum((torch.sum(x * y, dtype=acc) for x, y in zip(la, lb, strict=True)),
+               torch.zeros((), dtype=acc, device=la[0].device))
 
 
 def tree_add(a: Params, b: Params) -> Params:

@@ -287,7 +287,7 @@ def test_gpt2_against_finite_differences(attn: str) -> None:
 @pytest.mark.parametrize("K", [2, 3])
 def test_predict_excess_loss_matches_simulated_intervention(K: int) -> None:
     """Gradient descent on fixed-dataset quadratics: the antisymmetric excess (EL^ij - EL^ji)/2 of the
-    eq. 9/10 intervention approaches dw (lr T)^2 P(X, Y; L) (DESIGN.md §1), with error O(lr T)."""
+    eq. 9/10 intervention approaches dw (lr T)^2 P(X, Y; L) (docs/design.md §1), with error O(lr T)."""
     prob = Regression(K=K, batch=32, seed=6)
     gen = torch.Generator().manual_seed(7)
     data = [prob.sample(k, gen) for k in range(K)]
@@ -394,3 +394,131 @@ def test_user_errors_are_commute_errors() -> None:
         rep.P("a", "zz", "mix")
     with pytest.raises(CommuteError, match="outside"):
         rep.predict_excess_loss("a", "b", "mix", 0.6, 10, 0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# one inner product, one prediction formula, one progress bar, one atomic write (shared helpers)
+# --------------------------------------------------------------------------------------------------
+def test_inner_products_are_tree_dot_accumulated_in_float64(monkeypatch) -> None:
+    import commute.estimate as estimate_mod
+    from commute.bracket import tree_dot
+
+    dtypes = []
+
+    def spy(a, b, dtype=None):
+        dtypes.append(dtype)
+        return tree_dot(a, b, dtype=dtype)
+
+    monkeypatch.setattr(estimate_mod, "tree_dot", spy)
+    prob = Regression(K=3, seed=10)
+    rep = BracketEstimator(prob.model.float(), prob.loss_fn, prob.streams(torch.Generator().manual_seed(0)))
+    rep = rep.estimate(8, 4, n_groups=2, mode="pairs")
+    assert len(dtypes) == 2 * (4 // 2) * 3 * 2 * 3  # groups x HVP batches x K(K-1) HVPs x 3 basis targets
+    assert set(dtypes) == {torch.float64}
+    # float32 leaves summed in float64: the float64 sum of the float32 products, not a float32 sum
+    g = torch.Generator().manual_seed(0)
+    a = {"w": 1 + torch.rand(1000, 1000, generator=g), "b": torch.rand(7, generator=g)}
+    b = {"w": 1 + torch.rand(1000, 1000, generator=g), "b": torch.rand(7, generator=g)}
+    ref = sum(float((a[k] * b[k]).double().sum()) for k in a)
+    got = tree_dot(a, b, dtype=torch.float64)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(ref, rel=1e-14)
+    assert tree_dot(a, b).dtype == torch.float32  # the default is unchanged
+
+
+def test_predict_excess_loss_goes_through_intervention_excess(monkeypatch) -> None:
+    import commute.estimate as estimate_mod
+    from commute.bracket import intervention_excess
+
+    calls = []
+
+    def spy(P, delta_w, steps, lr):
+        calls.append((delta_w, steps, lr))
+        return intervention_excess(P, delta_w, steps, lr)
+
+    monkeypatch.setattr(estimate_mod, "intervention_excess", spy)
+    prob = Regression(K=2, seed=11)
+    rep = BracketEstimator(prob.model, prob.loss_fn, prob.streams(torch.Generator().manual_seed(0))).estimate(
+        8, 4, n_groups=4)
+    e = rep.predict_excess_loss("a", "b", "mix", 0.1, 7, 0.03)
+    assert calls == [(0.1, 7, 0.03)]
+    expect = Estimate.from_samples(0.1 * (0.03 * 7) ** 2 * rep.p_samples("a", "b", "mix"))
+    assert e.mean == pytest.approx(expect.mean, rel=1e-12)
+    assert e.stderr == pytest.approx(expect.stderr, rel=1e-12)
+
+
+def test_progress_is_the_library_progress_bar(monkeypatch) -> None:
+    import commute.estimate as estimate_mod
+    from commute.progress import Progress
+
+    assert not hasattr(estimate_mod, "_Progress")
+    seen = []
+
+    class Spy(Progress):
+        def __init__(self, description, total, **kw):
+            super().__init__(description, total, **kw)
+            seen.append({"total": total, "enabled": kw.get("enabled"), "advanced": 0})
+
+        def advance(self, n=1):
+            seen[-1]["advanced"] += n
+            super().advance(n)
+
+    monkeypatch.setattr(estimate_mod, "Progress", Spy)
+    prob = Regression(K=3, seed=12)
+    est = BracketEstimator(prob.model, prob.loss_fn, prob.streams(torch.Generator().manual_seed(0)))
+    est.estimate(12, 6, n_groups=3, progress=True)
+    # per group and domain: 2 x 2 gradient batches and 2 HVP batches
+    assert seen == [{"total": 3 * 3 * (4 + 2), "enabled": True, "advanced": 3 * 3 * (4 + 2)}]
+
+
+def test_to_json_writes_atomically_through_commute_io(monkeypatch, tmp_path) -> None:
+    import commute.estimate as estimate_mod
+    from commute.io import atomic_write
+
+    written = []
+
+    def spy(path, data):
+        written.append(str(path))
+        return atomic_write(path, data)
+
+    monkeypatch.setattr(estimate_mod, "atomic_write", spy)
+    prob = Regression(K=2, seed=13)
+    rep = BracketEstimator(prob.model, prob.loss_fn, prob.streams(torch.Generator().manual_seed(0))).estimate(
+        4, 2, n_groups=2)
+    path = rep.to_json(tmp_path / "r.json")
+    assert written == [str(tmp_path / "r.json")] and path == tmp_path / "r.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary file left behind
+    assert BracketReport.from_json(path).P("a", "b", "a") == rep.P("a", "b", "a")
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs that used to give a silent 0 ± 0 or a traceback
+# --------------------------------------------------------------------------------------------------
+def test_loss_without_a_gradient_path_to_the_parameters_is_refused() -> None:
+    prob = Regression(K=2, seed=14)
+    stray = nn.Parameter(torch.zeros(3, dtype=DT))  # not used by the loss: the bracket over it is no answer
+    est = BracketEstimator(prob.model, prob.loss_fn, prob.streams(torch.Generator().manual_seed(0)),
+                           parameters=[stray])
+    with pytest.raises(CommuteError, match="no gradient path") as e:
+        est.estimate(4, 2, n_groups=2)
+    assert "\n" not in str(e.value)
+    # the loss uses only some parameters: fine, the unused ones have zero gradient and Hessian rows
+    partial = BracketEstimator(prob.model, prob.loss_fn, prob.streams(torch.Generator().manual_seed(0)),
+                               parameters=[stray, prob.model.weight])
+    assert math.isfinite(partial.estimate(4, 2, n_groups=2).P("a", "b", "mix").mean)
+
+
+@pytest.mark.parametrize("bad", [256, 1000, -1])
+@pytest.mark.parametrize("wrap", ["tensor", "dict"])
+def test_token_id_outside_the_vocabulary_is_one_sentence(bad: int, wrap: str) -> None:
+    model = _gpt2("eager")  # vocab_size 256
+    g = torch.Generator().manual_seed(0)
+    ids = {d: torch.randint(0, 256, (2, 8), generator=g) for d in ("en", "ru")}
+    ids["ru"][1, 3] = bad
+    batches = {d: _repeat(x if wrap == "tensor" else {"input_ids": x}) for d, x in ids.items()}
+
+    def loss_fn(model, batch):
+        return _ce(model, batch if wrap == "tensor" else batch["input_ids"])
+
+    with pytest.raises(CommuteError, match="outside the model's vocabulary of 256") as e:
+        BracketEstimator(model, loss_fn, batches).estimate(4, 2, n_groups=2)
+    assert f"token id {bad}" in str(e.value) and "'ru'" in str(e.value) and "\n" not in str(e.value)
