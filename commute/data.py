@@ -1,6 +1,6 @@
 """Domains, tokenisation and the mixture sampler.
 
-Data flows one way (DESIGN.md §3): corpora -> documents -> a deterministic train/validation split by
+Data flows one way (docs/design.md §3): corpora -> documents -> a deterministic train/validation split by
 document -> tokens (cached as ``.npy`` memmaps) -> :class:`TokenizedDomain` -> :class:`MixtureSampler`,
 which composes every batch from the domain weights w(t) of the step (the paper's sampling paradigm, §4.2).
 
@@ -24,15 +24,16 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
 
 from commute.errors import CommuteError
+from commute.io import atomic_write
 from commute.schedule import check_weights
 
 __all__ = [
@@ -63,28 +64,9 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "commute"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _npy(arr: np.ndarray) -> Callable[[IO[bytes]], None]:
+    """A writer for :func:`commute.io.atomic_write`: ``arr`` as ``.npy`` (no pickles)."""
+    return lambda fh: np.save(fh, arr, allow_pickle=False)
 
 
 # --- Debian fortunes --------------------------------------------------------------------------------
@@ -326,7 +308,7 @@ def fetch_fortunes(
         if not docs:
             raise CommuteError(f"the fortune packages for {lang!r} contain no fortunes; {_OWN_FILES_HINT}.")
         data = ("\n\n".join(docs) + "\n").encode("utf-8")
-        _atomic_write_bytes(txt, data)
+        atomic_write(txt, data)
         info = {
             "lang": lang,
             "packages": versions,
@@ -334,7 +316,7 @@ def fetch_fortunes(
             "documents": len(docs),
             "bytes": len(data),
         }
-        _atomic_write_bytes(meta, (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        atomic_write(meta, (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
         result[lang] = txt
     return result
 
@@ -551,7 +533,7 @@ class BPETokenizer:
         return cls(HFTokenizer.from_file(str(path)))
 
     def save(self, path: str | Path) -> None:
-        _atomic_write_bytes(Path(path), self._tok.to_str().encode("utf-8"))
+        atomic_write(Path(path), self._tok.to_str().encode("utf-8"))
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text).ids)
@@ -705,7 +687,7 @@ class TokenizedDomain:
     ) -> Iterator[torch.Tensor]:
         """Infinite independent random windows ``LongTensor[batch_size, seq_len]``, deterministic in seed.
 
-        For the bracket estimator: different seeds give independent streams (DESIGN.md §1: use
+        For the bracket estimator: different seeds give independent streams (docs/design.md §1c: use
         independent batches for the two factors of a product).
         """
         arr = self._array(split)
@@ -812,8 +794,8 @@ def load_domains(
 
         def build(name: str = name, src: str | Path = src, d: Path = d) -> None:
             train_docs, val_docs = get_split(name)
-            _atomic_save_npy(d / "train.npy", _encode_docs(tok, train_docs))
-            _atomic_save_npy(d / "val.npy", _encode_docs(tok, val_docs))
+            atomic_write(d / "train.npy", _npy(_encode_docs(tok, train_docs)))
+            atomic_write(d / "val.npy", _npy(_encode_docs(tok, val_docs)))
             meta = {
                 "source": str(src),
                 "tokenizer": tok.fingerprint(),
@@ -821,7 +803,7 @@ def load_domains(
                 "docs_train": len(train_docs),
                 "docs_val": len(val_docs),
             }
-            _atomic_write_bytes(d / "meta.json", json.dumps(meta, indent=1).encode())
+            atomic_write(d / "meta.json", json.dumps(meta, indent=1).encode())
 
         if not meta_p.is_file():
             build()

@@ -1,6 +1,6 @@
 """Domain-weight schedules: a schedule maps a training step t to weights w(t) over the domains.
 
-A schedule is non-negative, sums to one at every step and is right-continuous (DESIGN.md §1): the
+A schedule is non-negative, sums to one at every step and is right-continuous (docs/design.md §1): the
 weights at step t are the ones that compose the batch of step t. Every schedule is validated when it is
 built, so a bad one fails with one :class:`~commute.errors.CommuteError` sentence before any training
 starts. All schedules except :class:`FromCallable` round-trip through JSON/YAML (``to_dict`` /
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from commute.errors import CommuteError
+from commute.io import atomic_write
 
 __all__ = [
     "Schedule",
@@ -438,9 +439,7 @@ def _suffix(path: Path) -> str:
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> Path:
-    """Write ``schedule.to_dict()`` as JSON or YAML (by suffix), atomically (temp file + rename)."""
-    import os
-
+    """Write ``schedule.to_dict()`` as JSON or YAML (by suffix) with :func:`commute.io.atomic_write`."""
     path = Path(path)
     s = _suffix(path)
     d = schedule.to_dict()
@@ -450,11 +449,7 @@ def save_schedule(schedule: Schedule, path: str | Path) -> Path:
         import yaml
 
         text = yaml.safe_dump(d, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)
 
 
 def load_schedule(path: str | Path) -> Schedule:
