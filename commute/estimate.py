@@ -36,6 +36,17 @@ vectors that hit the same domain Hessian share one double-backward graph: one ``
 backward per domain per HVP batch, then one ``autograd.grad`` per vector with ``retain_graph``. Measured on
 a tiny GPT-2 (one CPU thread), a lone HVP costs about 2.8-2.9 gradients and 4-8 HVPs sharing one graph
 1.9-2.2 gradients each: roughly 2x a gradient per HVP on CPU, 1.5-2.5x on a GPU.
+
+Order tournament (:meth:`BracketEstimator.tournament`). For one target L, the row sum (Borda score) of domain
+i over the pairwise brackets is, with u_k = H_k g_L (Hessian symmetry: g_L . H_j g_i = u_j . g_i),
+
+    S_i = sum_j P(L_i, L_j; L) = sum_{j != i} (u_j . g_i - u_i . g_j) = g_i . U - u_i . G_sum,
+    U = sum_k u_k,  G_sum = sum_k g_k        (the j = i terms g_i . u_i - u_i . g_i cancel),
+
+so the scores of all K domains need the K HVPs u_k = H_k g_L^A per HVP batch (the "targets" mode with one
+target), not the K(K-1) of the pairs. By Theorem 3.1, L(theta_ij) - L(theta_ji) = dt^2 P(L_i, L_j; L), so
+dt^2 S_i is how much higher L ends when i is trained *before* each other domain rather than after it, summed
+over the others: a domain with a large S_i belongs late, one with a very negative S_i early.
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ from commute.errors import CommuteError
 from commute.io import atomic_write
 from commute.progress import Progress
 
-__all__ = ["Estimate", "BracketEstimator", "BracketReport", "LossFn", "DEFAULT_MIX_NAME"]
+__all__ = ["Estimate", "BracketEstimator", "BracketReport", "TournamentReport", "LossFn", "DEFAULT_MIX_NAME"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> Tensor``: see :class:`BracketEstimator` for the exact contract."""
@@ -476,6 +487,51 @@ class BracketEstimator:
                   "n_params": self.n_params},
         )
 
+    def tournament(
+        self,
+        target: str | Mapping[str, float] | None = None,
+        n_grad_batches: int = 100,
+        n_hvp_batches: int = 100,
+        *,
+        n_groups: int = 10,
+        name: str | None = None,
+        progress: bool = False,
+    ) -> TournamentReport:
+        """The order tournament for one target L: every domain's score S_i = sum_j P(L_i, L_j; L).
+
+        Costs K HVPs per HVP batch (one per domain Hessian, applied to the shared target gradient g_L^A;
+        see the module docstring for S_i = g_i . U - u_i . G_sum), against K(K-1) for the K(K-1) pairs one
+        by one; the factors of every product still come from independent batches, so each S_i is unbiased,
+        and its stderr comes from the same ``n_groups`` independent groups as :meth:`estimate`'s.
+
+        Args:
+            target: a domain name, the uniform mixture's name (``"mix"``; the default ``None``), or a dict
+                of domain weights (a target L = sum_k c_k L_k, e.g. the training mix at this step).
+            n_grad_batches, n_hvp_batches, n_groups, progress: as for :meth:`estimate`.
+            name: the target's name in the report (default: its name, or ``"target"`` for a dict).
+
+        Returns a :class:`TournamentReport`: ``report.order`` is the suggested training order (first to
+        last, ascending S_i) and ``report.score(d)`` each score with its stderr; the pairwise P(i, j; L)
+        of this target come with it (``report.P(i, j)``), at no extra HVP.
+        """
+        label, weights = _one_target(target, self.domain_names, name)
+        rep = self.estimate(n_grad_batches, n_hvp_batches, targets={label: weights}, n_groups=n_groups,
+                            mode="targets", progress=progress)
+        assert rep.hvp_per_batch == len(self.domain_names)
+        return rep.tournament(label)
+
+
+def _one_target(target: str | Mapping[str, float] | None, domains: Sequence[str],
+                name: str | None) -> tuple[str, dict[str, float]]:
+    """A target argument (None: the uniform mix; a name; or a dict of weights) as (name, weights)."""
+    if target is None or isinstance(target, str):
+        defaults = _default_targets(domains)
+        label = list(defaults)[-1] if target is None else target  # the uniform mix is the last default
+        weights = _resolve_targets([label], domains)[label]
+        return (name or label), weights
+    label = name or "target"
+    return label, _resolve_targets({label: target}, domains)[label]
+
 
 def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
     for m, training in modes:
@@ -595,6 +651,34 @@ class BracketReport:
         pxy = np.einsum("k,gk->g", w, per_pair[:, ii, :] - per_pair[:, jj, :])
         return Estimate.from_samples(intervention_excess(pxy, delta_w, steps, lr))
 
+    def tournament(self, target: str | Mapping[str, float], name: str | None = None) -> TournamentReport:
+        """The order tournament of ``target`` from this report's groups (no new HVP): every domain's score
+        S_i = sum_j P(L_i, L_j; L) with its stderr (see :class:`TournamentReport`).
+
+        ``target`` is an estimated target's name or a dict of domain weights in the span of the estimated
+        targets (any dict in ``"pairs"`` mode), e.g. the training mix at the checkpoint's step.
+        """
+        a = self._coefficients(target)
+        if isinstance(target, str):
+            label, weights = name or target, dict(self.targets[target])
+        else:
+            c = _weights_vector(target, self.domains, f"target {dict(target)}")
+            label = name or "target"
+            weights = {d: float(x) for d, x in zip(self.domains, c, strict=True) if x != 0.0}
+        return TournamentReport(
+            domains=self.domains,
+            target=label,
+            target_weights=weights,
+            p_groups=self.p_groups @ a,
+            n_groups=self.n_groups,
+            grad_batches=self.grad_batches,
+            hvp_batches=self.hvp_batches,
+            n_hvp=self.n_hvp,
+            hvp_per_batch=self.hvp_per_batch,
+            mode=self.mode,
+            seconds=self.seconds,
+        )
+
     # ---- (de)serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict: settings, the per-group samples, and a summary of every P (pair i < j)."""
@@ -698,4 +782,127 @@ class BracketReport:
                 s = f"{e.mean:+.3e} ± {e.stderr:.1e} (z={e.z:+.1f})"
                 cells.append(f"[bold]{s}[/bold]" if abs(e.z) >= 2 else s)
             table.add_row(f"{i} -> {j}", *cells)
+        return table
+
+
+# --------------------------------------------------------------------------------------------------
+# the order tournament
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TournamentReport:
+    """Result of :meth:`BracketEstimator.tournament` (or :meth:`BracketReport.tournament`): for one target L,
+    every domain's tournament score S_i = sum_j P(L_i, L_j; L) with its stderr.
+
+    Meaning (Theorem 3.1, docs/design.md §1 sign): L(theta_ij) - L(theta_ji) = dt^2 P(L_i, L_j; L) + O(dt^3),
+    so dt^2 S_i is how much higher L ends when domain i is trained before every other domain instead of after
+    it, summed over the others. S_i > 0: i belongs late; S_i < 0: early. :attr:`order` sorts the domains by
+    ascending S_i: the suggested training order, first to last. It is local (gamma T lambda_max << 1), and
+    only as certain as the scores' z say.
+
+    For K domains trained one after another for dt each, against K dt on their uniform mix, L changes by
+    (dt^2 / 2) * sum_{a<b} P(L_{o_a}, L_{o_b}; L) + O(dt^3) (the K-domain form of Theorem 3.1);
+    :meth:`order_score` gives that sum for any order o. Sorting by S_i minimises it exactly when the pairwise
+    P are transitive (P(i, j) = c_i - c_j); with cyclic parts (K >= 3) it is the Borda heuristic, so compare
+    orders with :meth:`order_score` when it matters.
+
+    ``p_groups[g, i, j]`` = P(domain i, domain j; L) in group g (antisymmetric in i, j).
+    """
+
+    domains: tuple[str, ...]
+    target: str
+    target_weights: dict[str, float]
+    p_groups: np.ndarray
+    n_groups: int
+    grad_batches: int
+    hvp_batches: int
+    n_hvp: int
+    hvp_per_batch: int
+    mode: str = "targets"
+    seconds: float = 0.0
+
+    def _index(self, d: str) -> int:
+        try:
+            return self.domains.index(d)
+        except ValueError:
+            raise CommuteError(f"unknown domain {d!r}; known domains are {list(self.domains)}.") from None
+
+    @property
+    def score_groups(self) -> np.ndarray:
+        """``[G, K]``: S_i per group (row sums of :attr:`p_groups`; the diagonal is 0)."""
+        return self.p_groups.sum(axis=2)
+
+    def score(self, domain: str) -> Estimate:
+        """S_i = sum_j P(L_i, L_j; L) with its stderr over the groups."""
+        return Estimate.from_samples(self.score_groups[:, self._index(domain)])
+
+    @property
+    def scores(self) -> dict[str, Estimate]:
+        """Every domain's score, in the domains' order."""
+        return {d: self.score(d) for d in self.domains}
+
+    @property
+    def order(self) -> list[str]:
+        """Suggested training order, first to last: ascending S_i (ties keep the domains' order)."""
+        means = self.score_groups.mean(axis=0)
+        return [self.domains[k] for k in sorted(range(len(self.domains)), key=lambda k: means[k])]
+
+    def P(self, i: str, j: str) -> Estimate:
+        """P(L_i, L_j; L) for this target, from the same groups."""
+        return Estimate.from_samples(self.p_groups[:, self._index(i), self._index(j)])
+
+    def order_score(self, order: Sequence[str]) -> Estimate:
+        """sum_{a<b} P(L_{o_a}, L_{o_b}; L) of an order o of all the domains (lower is better for L): times
+        dt^2 / 2, the leading-order change of L when they are trained in that order for dt each instead of
+        K dt on their uniform mix."""
+        idx = [self._index(d) for d in order]
+        if sorted(idx) != list(range(len(self.domains))):
+            raise CommuteError(f"an order must name every domain once, got {list(order)}; the domains are "
+                               f"{list(self.domains)}.")
+        vals = sum(self.p_groups[:, idx[a], idx[b]] for a in range(len(idx)) for b in range(a + 1, len(idx)))
+        return Estimate.from_samples(np.asarray(vals, dtype=np.float64))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict: the scores, the order, its order score, the settings and the per-group samples."""
+        return {
+            "format": "commute.tournament/1",
+            "target": self.target,
+            "target_weights": self.target_weights,
+            "domains": list(self.domains),
+            "order": self.order,
+            "scores": {d: e.to_dict() for d, e in self.scores.items()},
+            "order_score": self.order_score(self.order).to_dict(),
+            "n_groups": self.n_groups,
+            "grad_batches": self.grad_batches,
+            "hvp_batches": self.hvp_batches,
+            "n_hvp": self.n_hvp,
+            "hvp_per_batch": self.hvp_per_batch,
+            "mode": self.mode,
+            "seconds": self.seconds,
+            "p_groups": self.p_groups.tolist(),
+        }
+
+    def _footer(self) -> str:
+        return (f"S_i = sum_j P(i, j; L): > 0 means training i before the others raises L (train it late). "
+                f"Suggested order, first to last: {' -> '.join(self.order)}. {self.n_groups} groups; "
+                f"{self.n_hvp} HVPs ({self.hvp_per_batch} per HVP batch); {self.seconds:.1f} s.")
+
+    def __str__(self) -> str:
+        rows = [(d, str(e)) for d, e in self.scores.items()]
+        w = max(len(d) for d, _ in rows + [("domain", "")])
+        lines = [f"order tournament, L = {self.target}", f"{'domain':<{w}}  S_i"]
+        lines += [f"{d:<{w}}  {e}" for d, e in rows]
+        return "\n".join(lines + ["", self._footer()])
+
+    def rich_table(self) -> Any:
+        """The scores as a ``rich.table.Table``, in the suggested order (|z| >= 2 in bold)."""
+        from rich.table import Table
+
+        table = Table(title=f"Order tournament, L = {self.target}", caption=self._footer(),
+                      caption_justify="left")
+        for col in ("#", "domain", "S_i = Σ_j P(i, j; L)"):
+            table.add_column(col, justify="left" if col == "domain" else "right")
+        for rank, d in enumerate(self.order, 1):
+            e = self.score(d)
+            cell = f"{e.mean:+.3e} ± {e.stderr:.1e} (z={e.z:+.1f})"
+            table.add_row(str(rank), d, f"[bold]{cell}[/bold]" if abs(e.z) >= 2 else cell)
         return table
