@@ -1,6 +1,6 @@
 """commute: does the order of your training domains cost you?
 
-Lie-bracket diagnostics for multi-domain training (after "Commute Your Domains", see DESIGN.md).
+Lie-bracket diagnostics for multi-domain training (after "Commute Your Domains", see docs/design.md).
 """
 
 from __future__ import annotations
@@ -18,4 +18,8 @@ def __getattr__(name: str):  # lazy: keep `import commute` light
         from commute import estimate
 
         return getattr(estimate, name)
+    if name in {"schedule_gradient", "schedule_response"}:
+        from commute import response
+
+        return getattr(response, name)
     raise AttributeError(f"module 'commute' has no attribute {name!r}")
