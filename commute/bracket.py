@@ -1,13 +1,13 @@
 """Pure maths on parameter pytrees: gradients, Hessian-vector products, the Lie bracket.
 
 Parameters are a tensor or a dict of tensors (``Params``); a loss is a callable from parameters to a
-scalar tensor. Nothing here knows about data, models or training. Conventions follow DESIGN.md §1:
+scalar tensor. Nothing here knows about data, models or training. Conventions follow docs/design.md §1:
 
 * Lie bracket of the gradient fields (paper eq. 6)::
 
       R(L_i, L_j) = H_j g_i - H_i g_j
 
-* its projection on a target loss L (paper eq. 7, with the sign of DESIGN.md)::
+* its projection on a target loss L (paper eq. 7, with the sign of docs/design.md)::
 
       P(L_i, L_j; L) = <R(L_i, L_j), grad L> = g_L . H_j g_i - g_L . H_i g_j
 
@@ -157,7 +157,7 @@ def hvp(loss: Loss, params: Params, v: Params, mode: HvpMode = "rev-rev") -> Par
 
     ``mode="rev-rev"``: reverse-over-reverse (double backward). ``mode="fwd-rev"``: forward-over-
     reverse, ``jvp`` of ``torch.func.grad`` (no retained graph; on torch 2.13 ``F.mse_loss`` cannot be
-    differentiated this way, see DESIGN.md §2).
+    differentiated this way, see docs/design.md §2).
     """
     if mode == "rev-rev":
         return hvps(loss, params, [v])[0]
@@ -189,7 +189,7 @@ def lie_bracket(loss_i: Loss, loss_j: Loss, params: Params, mode: HvpMode = "rev
 def bracket_projection(
     loss_i: Loss, loss_j: Loss, loss_target: Loss, params: Params, mode: HvpMode = "rev-rev"
 ) -> float:
-    """Projection of the bracket on a target, paper eq. (7) with DESIGN.md's sign.
+    """Projection of the bracket on a target, paper eq. (7) with docs/design.md's sign.
 
     P(L_i, L_j; L) = <R(L_i, L_j), grad L> = g_L . H_j g_i - g_L . H_i g_j.
     Under gradient flow, L(theta_ij) - L(theta_base) = (dt^2 / 2) P + O(dt^3) (Theorem 3.1).

@@ -7,14 +7,16 @@ Every module that writes results, caches, configs or checkpoints goes through :f
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json", "fsync_dir"]
+__all__ = ["atomic_write", "write_json", "write_csv", "fsync_dir"]
 
 
 def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
@@ -44,6 +46,15 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[IO[
 def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 1) -> Path:
     """:func:`atomic_write` of ``obj`` as JSON (non-JSON numbers such as numpy floats become floats)."""
     return atomic_write(path, json.dumps(obj, indent=indent, default=float) + "\n")
+
+
+def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """:func:`atomic_write` of a CSV table (a header row, then ``rows``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

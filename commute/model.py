@@ -13,9 +13,9 @@ preset    n_layer  n_embd  n_head   n_ctx  parameters (byte vocab, 256)
 
 Dropout is off in every preset: the Lie-bracket analysis is about the deterministic loss surface, and it
 makes a resumed run bitwise-identical without replaying dropout masks. Input and output embeddings are
-tied, as in GPT-2 (DESIGN.md §2: ``named_parameters()`` lists the tied tensor once).
+tied, as in GPT-2 (docs/design.md §2: ``named_parameters()`` lists the tied tensor once).
 
-The loss is our own cross-entropy, not Hugging Face's (which casts logits to float32, DESIGN.md §2), so a
+The loss is our own cross-entropy, not Hugging Face's (which casts logits to float32, docs/design.md §2), so a
 float64 model gives a float64 loss:
 
     L(x) = 1/(T-1) * sum_{t=1}^{T-1} [ logsumexp(z_t) - z_t[x_{t+1}] ],   z_t = logits at position t.
@@ -64,7 +64,8 @@ def model_config(
     """The :class:`~transformers.GPT2Config` of a preset with ``overrides`` (GPT2Config kwargs) applied.
 
     ``n_ctx`` sets the context length (``n_positions``). ``attn_implementation`` is ``"eager"`` (default;
-    safe for Hessian-vector products) or ``"sdpa"`` (faster; HVPs then need the MATH backend, DESIGN.md §2).
+    safe for Hessian-vector products) or ``"sdpa"`` (faster; HVPs then need the MATH backend,
+    docs/design.md §2).
     """
     if preset not in PRESETS:
         raise CommuteError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")

@@ -14,20 +14,20 @@ re-training. Layout of ``data``::
      "locality": {... commute.study.locality_sweep ...} | None,
      "summary": {...}}
 
-P is P(L_1, L_2; L_i) in DESIGN.md's sign (d1 boosted first); the paper's tables print
+P is P(L_1, L_2; L_i) in docs/design.md's sign (d1 boosted first); the paper's tables print
 P_{2,1;i} = −P(L_1, L_2; L_i).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from commute.io import atomic_write, write_csv
+from commute.scores import FALLBACK_THRESHOLD, lambda_of, p_dof, summarise, t_threshold
 
 __all__ = ["render_report", "write_csvs", "summary_table", "plot_loss_planes", "plot_pred_vs_obs",
            "plot_locality", "summarise", "PAPER_TABLES"]
@@ -74,162 +74,9 @@ def _arm_name(arm: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------------
-#: Fallback significance threshold on |P/se| when a checkpoint stores no group count (normal approximation).
-FALLBACK_THRESHOLD = 2.0
-
-#: Per-cell keys that add up over arms (the optimiser and overall rows are sums of the arm rows).
-_ADDITIVE = ("n", "agree", "n_significant", "agree_significant", "n_significant_z2", "agree_significant_z2",
-             "predictions", "predictions_right", "predictions_tied", "recency_observed", "recency_predicted",
-             "recency_predictions_right", "recency_predictions_tied", "checkpoints", "checkpoints_right")
-
-
-def t_threshold(dof: int | None) -> float:
-    """Two-sided 95 % Student-t quantile t_{0.975}(dof); :data:`FALLBACK_THRESHOLD` when dof is unknown."""
-    if dof is None or dof < 1:
-        return FALLBACK_THRESHOLD
-    from scipy.stats import t as student_t
-
-    return float(student_t.ppf(0.975, dof))
-
-
 def _lambda_op(arm: Mapping[str, Any]) -> str:
     """The operator of the arm's λ_max, short: ``H`` or ``D^-1/2 H D^-1/2``."""
-    return _lambda_of(arm).replace(" (Adam)", "")
-
-
-def _lambda_of(arm: Mapping[str, Any]) -> str:
-    """Which operator the arm's λ_max is of: H (SGD) or D^-1/2 H D^-1/2 (Adam)."""
-    for ck in arm.get("checkpoints", []):
-        if ck.get("lambda_of"):
-            return str(ck["lambda_of"])
-    return "D^-1/2 H D^-1/2 (Adam)" if arm.get("optimizer") == "adam" else "H"
-
-
-def _dof(arm: Mapping[str, Any], t0: Any, domain: str) -> int | None:
-    """Degrees of freedom of P(1,2; domain) at checkpoint t0: a stored ``dof``/``df``, else groups − 1."""
-    for ck in arm.get("checkpoints", []):
-        if ck.get("step") == t0:
-            p = ck.get("P", {}).get(domain, {})
-            for k in ("dof", "df"):
-                if p.get(k) is not None:
-                    return int(p[k])
-            if p.get("n") is not None:
-                return int(p["n"]) - 1
-    return None
-
-
-def _majority(flags: Sequence[bool]) -> tuple[bool, bool]:
-    """(right, tied): right when a strict majority of the flags are true; tied when exactly half are."""
-    k = sum(bool(f) for f in flags)
-    return 2 * k > len(flags), 2 * k == len(flags)
-
-
-def _arm_counts(arm: Mapping[str, Any], d1: str, z_threshold: float | None) -> dict[str, Any]:
-    """Every count of one arm (see :func:`summarise`)."""
-    from commute.study import sign_agreement
-
-    cells = [dict(pd) for c in arm["cells"] for pd in c["per_domain"].values()]
-    counts: dict[str, Any] = dict(sign_agreement(cells, z_threshold if z_threshold is not None else 2.0))
-    z2 = sign_agreement(cells, 2.0)
-    counts.update({"n_significant_z2": z2["n_significant"], "agree_significant_z2": z2["agree_significant"]})
-    # significance per cell at the two-sided 95 % t quantile of its P estimate's dof
-    dofs: set[int | None] = set()
-    n_sig = agree_sig = 0
-    for c in arm["cells"]:
-        for d, pd in c["per_domain"].items():
-            dof = _dof(arm, c["t0"], d)
-            dofs.add(dof)
-            thr = z_threshold if z_threshold is not None else t_threshold(dof)
-            pred, se = float(pd["pred"]), float(pd.get("pred_stderr", math.nan))
-            if se > 0 and abs(pred / se) > thr:
-                n_sig += 1
-                agree_sig += int(pred * float(pd["antisym"]) > 0)
-    counts.update({"n_significant": n_sig, "agree_significant": agree_sig})
-    known = sorted(x for x in dofs if x is not None)
-    counts["dof"] = known
-    counts["dof_missing"] = None in dofs
-    counts["thresholds"] = ([float(z_threshold)] if z_threshold is not None else
-                            sorted({t_threshold(x) for x in dofs}))
-
-    t0s = sorted({c["t0"] for c in arm["cells"]})
-    right = sum(
-        all(pd["agree"] for c in arm["cells"] if c["t0"] == t0 for pd in c["per_domain"].values())
-        for t0 in t0s
-    )
-    # one prediction per (t0, domain): every Δw there shares one P estimate and one base trajectory.
-    # recency baseline: the domain boosted last ends better, i.e. antisym > 0 for domain 1, < 0 for domain 2
-    groups: dict[tuple[Any, str], list[tuple[bool, bool]]] = {}
-    for c in arm["cells"]:
-        for d, pd in c["per_domain"].items():
-            s = 1 if d == d1 else -1
-            groups.setdefault((c["t0"], d), []).append((bool(pd["pred"] * pd["antisym"] > 0),
-                                                        bool(s * pd["antisym"] > 0)))
-    p_major = [_majority([a for a, _ in g]) for g in groups.values()]
-    r_major = [_majority([b for _, b in g]) for g in groups.values()]
-    sgn = [(1 if d == d1 else -1, pd) for c in arm["cells"] for d, pd in c["per_domain"].items()]
-    ratios = [c["antisym"] / c["pred"] for c in cells if c["pred"] != 0]
-    locs = [c.get("locality", math.nan) for c in arm["cells"]]
-    counts.update({"predictions": len(groups),
-                   "predictions_right": sum(r for r, _ in p_major),
-                   "predictions_tied": sum(t for _, t in p_major),
-                   "recency_predictions_right": sum(r for r, _ in r_major),
-                   "recency_predictions_tied": sum(t for _, t in r_major),
-                   "recency_observed": sum(s * pd["antisym"] > 0 for s, pd in sgn),
-                   "recency_predicted": sum(s * pd["pred"] > 0 for s, pd in sgn),
-                   "locality_min": float(np.nanmin(locs)) if locs else math.nan,
-                   "locality_max": float(np.nanmax(locs)) if locs else math.nan,
-                   "lambda_of": _lambda_of(arm)})
-    counts.update({"median_obs_over_pred": float(np.median(ratios)) if ratios else math.nan,
-                   "checkpoints": len(t0s), "checkpoints_right": right,
-                   "tokens_match": all(c.get("tokens_match", False) for c in arm["cells"])})
-    return counts
-
-
-def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict[str, Any]:
-    """Sign-agreement counts per arm, per optimiser and overall (see :func:`commute.study.sign_agreement`).
-
-    Per arm and summed per optimiser and overall:
-
-    * ``n``, ``agree``: cells (t0, Δw, domain) and those with the predicted sign. The Δw at one
-      (t0, domain) share one P estimate and one trajectory, so cells are not independent evidence;
-    * ``predictions``, ``predictions_right``, ``predictions_tied``: one prediction per (t0, domain); it is
-      right when a strict majority of its Δw cells have the predicted sign (a tie, possible with an even
-      number of Δw, counts as not right and is counted in ``predictions_tied``);
-    * ``recency_observed``, ``recency_predictions_right`` (``recency_predictions_tied``): the same counts for
-      the naive recency baseline "the domain boosted last ends better" (antisym EL_1 > 0, antisym EL_2 < 0);
-      ``recency_predicted``: cells where P itself predicts the recency sign;
-    * ``n_significant``, ``agree_significant``: cells with |P/se| above the two-sided 95 % Student-t
-      quantile for the estimate's dof (groups − 1; :data:`FALLBACK_THRESHOLD` when the group count is
-      missing), or above ``z_threshold`` when one is given; ``dof``, ``dof_missing`` and ``thresholds`` say
-      which were used; ``n_significant_z2``, ``agree_significant_z2``: the former fixed |z| > 2 counts;
-    * ``checkpoints_right``: the paper's per-checkpoint criterion, a t0 counts as right when every one of
-      its cells (both domains, all Δw) has the predicted sign (the paper: 3 of 4 checkpoints).
-    """
-    out: dict[str, Any] = {"arms": {}, "optimizers": {}, "all": None}
-    d1 = data["domains"][0]
-    for arm in data["arms"]:
-        out["arms"][f"{arm['optimizer']}/{arm['variant']}"] = _arm_counts(arm, d1, z_threshold)
-
-    def total(keys: Sequence[str]) -> dict[str, Any]:
-        rows = [out["arms"][k] for k in keys]
-        agg: dict[str, Any] = {k: sum(int(r[k]) for r in rows) for k in _ADDITIVE}
-        agg["dof"] = sorted({x for r in rows for x in r["dof"]})
-        agg["dof_missing"] = any(r["dof_missing"] for r in rows)
-        agg["thresholds"] = sorted({x for r in rows for x in r["thresholds"]})
-        return agg
-
-    by_opt: dict[str, list[str]] = {}
-    for arm in data["arms"]:
-        by_opt.setdefault(arm["optimizer"], []).append(f"{arm['optimizer']}/{arm['variant']}")
-    out["optimizers"] = {k: total(v) for k, v in by_opt.items()}
-    out["all"] = total(list(out["arms"]))
-    out["significance"] = {"rule": "fixed" if z_threshold is not None else "student_t_0.975",
-                           "dof": out["all"]["dof"], "dof_missing": out["all"]["dof_missing"],
-                           "thresholds": out["all"]["thresholds"]}
-    loc = data.get("locality")
-    if loc:
-        out["locality_ratio_smallest_T"] = {d: loc["rows"][-1][d]["ratio"] for d in loc["domains"]}
-    return out
+    return lambda_of(arm).replace(" (Adam)", "")
 
 
 def _summary(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,7 +172,7 @@ def _cells_table(arm: Mapping[str, Any], d1: str, d2: str) -> str:
 
     def ok(p: Mapping[str, Any], t0: Any, d: str) -> str:
         pred, se = float(p["pred"]), float(p.get("pred_stderr", math.nan))
-        sig = se > 0 and abs(pred / se) > t_threshold(_dof(arm, t0, d))
+        sig = se > 0 and abs(pred / se) > t_threshold(p_dof(arm, t0, d))
         return ("✓" if p["agree"] else "✗") + ("*" if sig else "")
 
     for c in sorted(arm["cells"], key=lambda c: (c["t0"], c["delta_w"])):
@@ -410,7 +257,8 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         f"sampler `{cfg.get('sampler_mode')}`, seed {cfg.get('seed')}.",
         "",
         "EL_i^12 = L_i(θ12) − L_i(θ_base(t0+2T)) on fixed validation batches; θ12 boosts domain 1 first "
-        "(paper eq. 9/10). *Predicted* EL_i^12 = γ²ΔwT²·P(L_1, L_2; L_i) (DESIGN.md §1), compared in sign "
+        "(paper eq. 9/10). *Predicted* EL_i^12 = γ²ΔwT²·P(L_1, L_2; L_i) (docs/design.md §1), compared in "
+        "sign "
         "with the antisymmetric part (EL^12 − EL^21)/2, which removes the discrete-step term even in Δw. "
         f"A ✓* marks a significant prediction: {_threshold_text(summary)}. "
         "γTλ_max says how local the prediction is (λ_max is of H for SGD and of Adam's preconditioned "
@@ -492,53 +340,36 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
            "### Table 3 (imbalanced 0.9/0.1)", "", _paper_table("imbalanced"), "",
            "Files: `results.json` (every number), `cells.csv`, `checkpoints.csv`, `locality.csv`, "
            "`config.yaml` (re-run with `commute study bilingual --config config.yaml`).", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(md))
-    return path
+    return atomic_write(out / "report.md", "\n".join(md))
 
 
 # --------------------------------------------------------------------------------------------------
 # CSV
 # --------------------------------------------------------------------------------------------------
+_CELLS_CSV = ["optimizer", "variant", "t0", "T", "delta_w", "domain", "L_t0", "L_base", "L12", "L21", "EL12",
+              "EL21", "antisym", "pred", "pred_stderr", "z", "agree", "locality", "tokens_match"]
+_CKPT_CSV = ["optimizer", "variant", "step", "target", "L", "P_mean", "P_stderr", "P_n", "gamma",
+             "lambda_max"]
+_LOC_CSV = ["T", "gammaT", "locality", "domain", "EL12", "EL21", "antisym", "pred", "ratio"]
+
+
 def write_csvs(data: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """``cells.csv`` (one row per arm, t0, Δw, domain), ``checkpoints.csv`` and ``locality.csv``."""
     out = Path(out_dir)
-    paths = []
-    with open(out / "cells.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["optimizer", "variant", "t0", "T", "delta_w", "domain", "L_t0", "L_base", "L12",
-                    "L21", "EL12", "EL21", "antisym", "pred", "pred_stderr", "z", "agree", "locality",
-                    "tokens_match"])
-        for arm in data["arms"]:
-            for c in arm["cells"]:
-                for d, p in c["per_domain"].items():
-                    w.writerow([arm["optimizer"], arm["variant"], c["t0"], c["T"], c["delta_w"], d,
-                                c["L_t0"][d], c["L_base"][d], c["L12"][d], c["L21"][d], p["EL12"], p["EL21"],
-                                p["antisym"],
-                                p["pred"], p["pred_stderr"], p.get("z"), p["agree"], c.get("locality"),
-                                c.get("tokens_match")])
-    paths.append(out / "cells.csv")
-    with open(out / "checkpoints.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["optimizer", "variant", "step", "target", "L", "P_mean", "P_stderr", "P_n", "gamma",
-                    "lambda_max"])
-        for arm in data["arms"]:
-            for ck in arm["checkpoints"]:
-                for d, p in ck["P"].items():
-                    w.writerow([arm["optimizer"], arm["variant"], ck["step"], d, ck["L"].get(d), p["mean"],
-                                p["stderr"], p.get("n"), ck.get("gamma"), ck.get("lambda_max")])
-    paths.append(out / "checkpoints.csv")
+    cells = [[arm["optimizer"], arm["variant"], c["t0"], c["T"], c["delta_w"], d, c["L_t0"][d],
+              c["L_base"][d], c["L12"][d], c["L21"][d], p["EL12"], p["EL21"], p["antisym"], p["pred"],
+              p["pred_stderr"], p.get("z"), p["agree"], c.get("locality"), c.get("tokens_match")]
+             for arm in data["arms"] for c in arm["cells"] for d, p in c["per_domain"].items()]
+    cks = [[arm["optimizer"], arm["variant"], ck["step"], d, ck["L"].get(d), p["mean"], p["stderr"],
+            p.get("n"), ck.get("gamma"), ck.get("lambda_max")]
+           for arm in data["arms"] for ck in arm["checkpoints"] for d, p in ck["P"].items()]
+    paths = [write_csv(out / "cells.csv", _CELLS_CSV, cells),
+             write_csv(out / "checkpoints.csv", _CKPT_CSV, cks)]
     loc = data.get("locality")
     if loc:
-        with open(out / "locality.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["T", "gammaT", "locality", "domain", "EL12", "EL21", "antisym", "pred", "ratio"])
-            for r in loc["rows"]:
-                for d in loc["domains"]:
-                    q = r[d]
-                    w.writerow([r["T"], r["gammaT"], r["locality"], d, q["EL12"], q["EL21"], q["antisym"],
-                                q["pred"], q["ratio"]])
-        paths.append(out / "locality.csv")
+        rows = [[r["T"], r["gammaT"], r["locality"], d, *(r[d][k] for k in _LOC_CSV[4:])]
+                for r in loc["rows"] for d in loc["domains"]]
+        paths.append(write_csv(out / "locality.csv", _LOC_CSV, rows))
     return paths
 
 
@@ -554,46 +385,79 @@ def _plt():
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    """Lay out, write the PNG and free the figure."""
-    fig.tight_layout()
+def _save(plt: Any, fig: Any, path: str | Path, rect: tuple[float, ...] | None = None) -> Path:
+    """Lay out (within ``rect`` of the figure, leaving room for a figure legend), write the PNG, free it."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
 def plot_loss_planes(data: Mapping[str, Any], path: str | Path) -> Path:
-    """Figures 3–4 analogue: per arm, the (L1, L2) plane with the base trajectory and the branches."""
+    """Figures 3–4 analogue: per arm, the (L1, L2) plane with the base trajectory and the branches.
+
+    Colour: θ12 (red) / θ21 (orange) / base at t0 + 2T (blue, black edge); marker shape: t0; marker size:
+    Δw (larger = stronger intervention). One shared legend under the panels, so no data are hidden.
+    """
+    from matplotlib.lines import Line2D
+
     plt = _plt()
     arms = data["arms"]
     d1, d2 = data["domains"]
-    fig, axes = plt.subplots(1, len(arms), figsize=(4.6 * len(arms), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.6 * len(arms), 4.9), squeeze=False)
     markers = ["o", "P", "s", "*", "D", "^", "v", "X"]
+    t0s_all = sorted({c["t0"] for arm in arms for c in arm["cells"]})
+    dws_all = sorted({c["delta_w"] for arm in arms for c in arm["cells"]})
+    dw_max = max(dws_all, default=1.0)
+
+    def size(dw: float) -> float:
+        return 12 + 60 * dw / dw_max
+
     for ax, arm in zip(axes[0], arms, strict=True):
         curve = sorted(arm["base_curve"], key=lambda r: r["step"])
-        ax.plot([r["L"][d1] for r in curve], [r["L"][d2] for r in curve], "-o", color="tab:blue", ms=3,
-                lw=1, label="base trajectory")
-        t0s = sorted({c["t0"] for c in arm["cells"]})
-        for n, t0 in enumerate(t0s):
+        ax.plot([r["L"][d1] for r in curve], [r["L"][d2] for r in curve], "-o", color="tab:blue", ms=3, lw=1)
+        for t0 in sorted({c["t0"] for c in arm["cells"]}):
             cs = sorted((c for c in arm["cells"] if c["t0"] == t0), key=lambda c: c["delta_w"])
-            if not cs:
-                continue
-            m = markers[n % len(markers)]
+            m = markers[t0s_all.index(t0) % len(markers)]
             base = cs[0]["L_base"]
-            xs12 = [c["L12"][d1] for c in cs][::-1] + [base[d1]] + [c["L21"][d1] for c in cs]
-            ys12 = [c["L12"][d2] for c in cs][::-1] + [base[d2]] + [c["L21"][d2] for c in cs]
-            ax.plot(xs12, ys12, "-", color="tab:red", lw=0.8, alpha=0.6)
+            xs = [c["L12"][d1] for c in cs][::-1] + [base[d1]] + [c["L21"][d1] for c in cs]
+            ys = [c["L12"][d2] for c in cs][::-1] + [base[d2]] + [c["L21"][d2] for c in cs]
+            ax.plot(xs, ys, "-", color="tab:red", lw=0.8, alpha=0.6)
+            sz = [size(c["delta_w"]) for c in cs]
             ax.scatter([c["L12"][d1] for c in cs], [c["L12"][d2] for c in cs], marker=m, color="tab:red",
-                       s=30, zorder=3, label=f"θ12, t0={t0}")
+                       s=sz, zorder=3)
             ax.scatter([c["L21"][d1] for c in cs], [c["L21"][d2] for c in cs], marker=m, color="tab:orange",
-                       s=30, zorder=3, label=f"θ21, t0={t0}")
+                       s=sz, zorder=3)
             ax.scatter([base[d1]], [base[d2]], marker=m, color="tab:blue", edgecolor="k", s=40, zorder=4)
         ax.set_xlabel(f"L1 = validation NLL, {d1}")
         ax.set_ylabel(f"L2 = validation NLL, {d2}")
         ax.set_title(_arm_name(arm), fontsize=9)
-        ax.legend(fontsize=6, loc="upper right")
         ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    handles = [Line2D([], [], color="tab:blue", marker="o", ms=3, lw=1, label="base trajectory"),
+               Line2D([], [], color="tab:red", marker="o", ls="", label=f"θ12 ({d1} boosted first)"),
+               Line2D([], [], color="tab:orange", marker="o", ls="", label=f"θ21 ({d2} boosted first)"),
+               Line2D([], [], color="tab:blue", marker="o", mec="k", ls="", label="base at t0 + 2T")]
+    handles += [Line2D([], [], color="0.4", marker=markers[n % len(markers)], ls="", label=f"t0 = {t0}")
+                for n, t0 in enumerate(t0s_all)]
+    handles += [Line2D([], [], color="0.4", marker="o", ls="", ms=math.sqrt(size(dw)), label=f"Δw = {dw:g}")
+                for dw in dws_all]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 12), fontsize=8, frameon=False)
+    return _save(plt, fig, path, rect=(0, 0.08, 1, 1))
+
+
+def _symlog(ax: Any, axis: str, lim: float, linthresh: float) -> None:
+    """A symmetric-log axis on [−lim, lim] with ticks 0 and ±10^k only, at most 3 decades per side, none
+    inside the linear band around 0 (so no label collides with "0")."""
+    lo = math.ceil(math.log10(linthresh) + 1e-9)
+    hi = math.floor(math.log10(lim))
+    ks = list(range(max(lo, hi - 6), hi + 1)) or [hi]
+    ks = ks[::-1][:: max(1, math.ceil(len(ks) / 3))][::-1]
+    ticks = [-(10.0**k) for k in ks[::-1]] + [0.0] + [10.0**k for k in ks]
+    labels = [f"−1e{k}" for k in ks[::-1]] + ["0"] + [f"1e{k}" for k in ks]
+    getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh)
+    getattr(ax, f"set_{axis}lim")(-lim, lim)
+    getattr(ax, f"set_{axis}ticks")(ticks, labels)
+    getattr(ax, f"{axis}axis").set_minor_locator(__import__("matplotlib.ticker").ticker.NullLocator())
 
 
 def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
@@ -604,7 +468,7 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
     """
     plt = _plt()
     opts = list(dict.fromkeys(a["optimizer"] for a in data["arms"]))
-    fig, axes = plt.subplots(1, len(opts), figsize=(5 * len(opts), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(opts), figsize=(5 * len(opts), 5.0), squeeze=False)
     colors = {"balanced": "tab:blue", "imbalanced": "tab:green"}
 
     def span(vals: list[float]) -> tuple[float, float]:
@@ -630,10 +494,8 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
                             label=f"{arm['variant']}, L={d}", elinewidth=0.8)
         xlim, xlt = span(xs_all)
         ylim, ylt = span(ys_all)
-        ax.set_xscale("symlog", linthresh=xlt)
-        ax.set_yscale("symlog", linthresh=ylt)
-        ax.set_xlim(-xlim, xlim)
-        ax.set_ylim(-ylim, ylim)
+        _symlog(ax, "x", xlim, xlt)
+        _symlog(ax, "y", ylim, ylt)
         ax.fill_between([0, xlim], 0, ylim, color="tab:green", alpha=0.08, label="sign right")
         ax.fill_between([-xlim, 0], -ylim, 0, color="tab:green", alpha=0.08)
         ax.axhline(0, color="k", lw=0.5)
@@ -641,8 +503,9 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_xlabel("predicted EL^12 = γ²ΔwT²P (± stderr)")
         ax.set_ylabel("observed (EL^12 − EL^21)/2")
         ax.set_title(f"{opt}: prediction vs observation", fontsize=10)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    return _save(plt, fig, path, rect=(0, 0.07, 1, 1))
 
 
 def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:

@@ -6,7 +6,7 @@ Two domains with quadratic losses ``L_k(θ) = ½ (θ - b_k)ᵀ A_k (θ - b_k)``;
 
 Table 1: from ``θ(t)`` on the 50/50 trajectory, ``θ_12 = Φ_2(Δt) ∘ Φ_1(Δt) θ(t)`` (train on domain 1
 first), ``θ_21`` the other order and ``θ_base = θ(t + 2Δt)``. With ``L = (L_1 + L_2)/2`` the excess loss
-``EL^12 = L(θ_12) - L(θ_base)`` is compared with the prediction of Theorem 3.1 with DESIGN.md §1's
+``EL^12 = L(θ_12) - L(θ_base)`` is compared with the prediction of Theorem 3.1 with docs/design.md §1's
 conventions, ``(Δt²/2) P(L_1, L_2; L)(θ(t))``, where ``P`` comes from :func:`commute.bracket_projection`
 (so this reproduction also exercises the core). The paper prints a factor 1/8 in §4.1; its own Table 1
 (ratios → 1 as Δt → 0) is reproduced with 1/2.
@@ -14,7 +14,6 @@ conventions, ``(Δt²/2) P(L_1, L_2; L)(θ(t))``, where ``P`` comes from :func:`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from commute.bracket import bracket_projection, grad, lie_bracket
+from commute.bracket import antisymmetric_excess, bracket_projection, grad, lie_bracket, reorder_excess
 from commute.errors import CommuteError
+from commute.io import atomic_write, write_json
+from commute.progress import Progress
 
 __all__ = [
     "PAPER_TABLE1",
@@ -206,11 +207,8 @@ class ToyResult:
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON, atomically (a temporary file renamed into place)."""
         path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-            tmp.replace(path)
+            write_json(path, self.to_dict(), indent=2)
         except OSError as exc:
             raise CommuteError(f"cannot write {path}: {exc.strerror or exc}.") from exc
         return path
@@ -259,13 +257,6 @@ class ToyResult:
         return "\n".join(lines)
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, disable=not enabled)
-
-
 def run_toy(
     cfg: ToyConfig | None = None,
     out_dir: Path | str | None = None,
@@ -277,7 +268,7 @@ def run_toy(
     For every start θ_0 and time t: θ(t) = Φ_mix(t) θ_0 (50/50 flow); for every Δt the exact
     ``θ_12 = Φ_2(Δt) Φ_1(Δt) θ(t)``, ``θ_21`` and ``θ_base = Φ_mix(2Δt) θ(t)``; ``EL^12 = L(θ_12) -
     L(θ_base)`` with L = (L_1 + L_2)/2, over the prediction ``(Δt²/2) P(L_1, L_2; L)(θ(t))`` (Theorem 3.1,
-    DESIGN.md §1; P from :func:`commute.bracket_projection`). The antisymmetric ratio
+    docs/design.md §1; P from :func:`commute.bracket_projection`). The antisymmetric ratio
     ``((EL^12 - EL^21)/2) / prediction`` cancels the terms even under swapping the order.
 
     Writes ``json_path`` if given; with ``out_dir``: ``toy.json``, ``fig1_bracket_field.png``,
@@ -291,22 +282,22 @@ def run_toy(
 
     ratio: dict[tuple[float, float], np.ndarray] = {}
     antisym: dict[tuple[float, float], np.ndarray] = {}
-    with _progress(progress) as bar:
-        task = bar.add_task("quadratic: brackets along the 50/50 flow", total=len(cfg.ts) * cfg.n_starts)
+    with Progress("quadratic: brackets along the 50/50 flow", len(cfg.ts) * cfg.n_starts, enabled=progress,
+                  eta=False, transient=True) as bar:
         for t in cfg.ts:
             theta = mix.flow(theta0, t)  # [S, n]
             p = np.empty(cfg.n_starts)
             for s in range(cfg.n_starts):
                 p[s] = bracket_projection(l1, l2, lmix, torch.from_numpy(theta[s]))
-                bar.advance(task)
+                bar.advance()
             for dt in cfg.dts:
                 base = mix.flow(theta, 2 * dt)
                 th12 = q2.flow(q1.flow(theta, dt), dt)
                 th21 = q1.flow(q2.flow(theta, dt), dt)
                 el12, el21 = mix.excess(th12, base), mix.excess(th21, base)
-                pred = dt**2 / 2 * p
+                pred = reorder_excess(p, dt)
                 ratio[(t, dt)] = el12 / pred
-                antisym[(t, dt)] = (el12 - el21) / 2 / pred
+                antisym[(t, dt)] = antisymmetric_excess(el12, el21) / pred
 
     rows = []
     for t in cfg.ts:
@@ -473,7 +464,7 @@ def _write_report(result: ToyResult, out: Path) -> Path:
 Setting (Appendix B): n = {c.n}, eigenvalues {c.decay}^j, A_k = C_kᵀ diag C_k with random orthogonal C_k,
 b_k ~ N(0, I), {c.n_starts} starts θ_0 ~ N(0, I), seed {c.seed}. Exact flows. From θ(t) on the 50/50 flow:
 θ_12 = Φ_2(Δt) Φ_1(Δt) θ(t), θ_21 the opposite order, θ_base = θ(t + 2Δt), L = (L_1 + L_2)/2,
-EL^12 = L(θ_12) - L(θ_base), prediction (Δt²/2) P(L_1, L_2; L)(θ(t)) (DESIGN.md §1; P from
+EL^12 = L(θ_12) - L(θ_base), prediction (Δt²/2) P(L_1, L_2; L)(θ(t)) (docs/design.md §1; P from
 `commute.bracket_projection`). Ratio = EL^12 / prediction; antisym = ((EL^12 - EL^21)/2) / prediction.
 
 {result.markdown()}
@@ -492,6 +483,4 @@ on both losses; purple: the reverse.
 Figure 2: trajectories of the 50/50 flow in the (L_1, L_2) plane from several starts; (L_1 + L_2)/2 falls
 monotonically, L_1 and L_2 need not.
 """
-    path = out / "toy_report.md"
-    path.write_text(text)
-    return path
+    return atomic_write(out / "toy_report.md", text)

@@ -6,7 +6,7 @@
 * Theorem 3.1 itself, by integrating the gradient flows (scipy ``solve_ivp``, tight tolerances) in both
   orders: the commutator of the flows is t^2 R(L_1, L_2) with an error shrinking like t^3, and
   L(theta_12) - L(theta_base) = (dt^2/2) P(L_1, L_2; L) with a relative error shrinking like dt.
-  The signs are whatever the simulation says; the core must agree with it (DESIGN.md §1).
+  The signs are whatever the simulation says; the core must agree with it (docs/design.md §1).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_unwritable_path_is_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
-    r = _run("data", "fetch", "en", "--cache", "afile", cwd=tmp_path)  # an OSError deep inside the API
+    r = _run("data", "fetch", "en", "--cache-dir", "afile", cwd=tmp_path)  # an OSError deep inside the API
     assert r.returncode != 0 and r.stderr.startswith("error:"), r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from commute.cli import data, demo, study, toy, train  # noqa: F401  (each registers its commands)
-from commute.cli._app import app, console_err
+from commute.cli import bracket, data, demo, study, toy, train  # noqa: F401  (each registers its commands)
+from commute.cli._app import app, console_err, setup_logging
 from commute.errors import CommuteError
 
 
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     Typer runs in standalone mode, so usage errors (bad option values, unknown commands) are printed
     by click with exit code 2; a :class:`CommuteError` from the API becomes one sentence on stderr.
     """
+    setup_logging()
     try:
         app(args=argv, prog_name="commute", standalone_mode=True)
     except CommuteError as exc:

@@ -23,7 +23,7 @@ _CACHE_HELP = "Cache directory (default: $COMMUTE_CACHE or ~/.cache/commute)."
 @data_app.command("fetch")
 def fetch(
     langs: list[str] = typer.Argument(..., help="Languages, e.g. en ru (also de it es pl cs eo bg ga zh)."),
-    cache: Path | None = typer.Option(None, "--cache", help=_CACHE_HELP),
+    cache: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
     refresh: bool = typer.Option(False, "--refresh", help="Download and prepare again even if cached."),
 ) -> None:
     """Download Debian's fortune packages (apt-get download + dpkg-deb -x, no install) and prepare them.
@@ -61,7 +61,7 @@ def info(
         "byte", "--tokenizer", help="'byte', 'bpe', 'bpe:<vocab>' or a tokenizer.json."
     ),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of documents held out."),
-    cache: Path | None = typer.Option(None, "--cache", help=_CACHE_HELP),
+    cache: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the sizes as JSON to this file."),
 ) -> None:
     """Tokenise (once; cached) and print documents and tokens per domain and split."""

@@ -1,0 +1,189 @@
+"""Scores of the study's predictions against its observations (computation; :mod:`commute.report` renders).
+
+Every function here is pure over the JSON-able ``data`` of ``results.json`` (layout in
+:mod:`commute.report`), so a report can be re-scored without re-training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["sign_agreement", "t_threshold", "summarise", "FALLBACK_THRESHOLD", "lambda_of", "p_dof"]
+
+
+def sign_agreement(
+    cells: Sequence[Mapping[str, float]], z_threshold: float = 2.0
+) -> dict[str, int]:
+    """Count cells whose predicted sign matches the observed antisymmetric excess loss.
+
+    Each cell has ``pred`` (predicted EL^12), ``pred_stderr`` and ``antisym`` ((EL^12 − EL^21)/2).
+    Returns ``{"n", "agree", "n_significant", "agree_significant"}``; a cell is significant when
+    |pred / pred_stderr| > ``z_threshold``. Cells with a zero prediction or observation never agree.
+    """
+    out = {"n": 0, "agree": 0, "n_significant": 0, "agree_significant": 0}
+    for c in cells:
+        pred, se, obs = float(c["pred"]), float(c.get("pred_stderr", math.nan)), float(c["antisym"])
+        ok = pred * obs > 0
+        out["n"] += 1
+        out["agree"] += int(ok)
+        if se > 0 and abs(pred / se) > z_threshold:
+            out["n_significant"] += 1
+            out["agree_significant"] += int(ok)
+    return out
+
+
+#: Fallback significance threshold on |P/se| when a checkpoint stores no group count (normal approximation).
+FALLBACK_THRESHOLD = 2.0
+
+#: Per-cell keys that add up over arms (the optimiser and overall rows are sums of the arm rows).
+_ADDITIVE = ("n", "agree", "n_significant", "agree_significant", "n_significant_z2", "agree_significant_z2",
+             "predictions", "predictions_right", "predictions_tied", "recency_observed", "recency_predicted",
+             "recency_predictions_right", "recency_predictions_tied", "checkpoints", "checkpoints_right")
+
+
+def t_threshold(dof: int | None) -> float:
+    """Two-sided 95 % Student-t quantile t_{0.975}(dof); :data:`FALLBACK_THRESHOLD` when dof is unknown."""
+    if dof is None or dof < 1:
+        return FALLBACK_THRESHOLD
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.975, dof))
+
+
+def lambda_of(arm: Mapping[str, Any]) -> str:
+    """Which operator the arm's λ_max is of: H (SGD) or D^-1/2 H D^-1/2 (Adam)."""
+    for ck in arm.get("checkpoints", []):
+        if ck.get("lambda_of"):
+            return str(ck["lambda_of"])
+    return "D^-1/2 H D^-1/2 (Adam)" if arm.get("optimizer") == "adam" else "H"
+
+
+def p_dof(arm: Mapping[str, Any], t0: Any, domain: str) -> int | None:
+    """Degrees of freedom of P(1,2; domain) at checkpoint t0: a stored ``dof``/``df``, else groups − 1."""
+    for ck in arm.get("checkpoints", []):
+        if ck.get("step") == t0:
+            p = ck.get("P", {}).get(domain, {})
+            for k in ("dof", "df"):
+                if p.get(k) is not None:
+                    return int(p[k])
+            if p.get("n") is not None:
+                return int(p["n"]) - 1
+    return None
+
+
+def _majority(flags: Sequence[bool]) -> tuple[bool, bool]:
+    """(right, tied): right when a strict majority of the flags are true; tied when exactly half are."""
+    k = sum(bool(f) for f in flags)
+    return 2 * k > len(flags), 2 * k == len(flags)
+
+
+def _arm_counts(arm: Mapping[str, Any], d1: str, z_threshold: float | None) -> dict[str, Any]:
+    """Every count of one arm (see :func:`summarise`)."""
+    cells = [dict(pd) for c in arm["cells"] for pd in c["per_domain"].values()]
+    counts: dict[str, Any] = dict(sign_agreement(cells, z_threshold if z_threshold is not None else 2.0))
+    z2 = sign_agreement(cells, 2.0)
+    counts.update({"n_significant_z2": z2["n_significant"], "agree_significant_z2": z2["agree_significant"]})
+    # significance per cell at the two-sided 95 % t quantile of its P estimate's dof
+    dofs: set[int | None] = set()
+    n_sig = agree_sig = 0
+    for c in arm["cells"]:
+        for d, pd in c["per_domain"].items():
+            dof = p_dof(arm, c["t0"], d)
+            dofs.add(dof)
+            thr = z_threshold if z_threshold is not None else t_threshold(dof)
+            pred, se = float(pd["pred"]), float(pd.get("pred_stderr", math.nan))
+            if se > 0 and abs(pred / se) > thr:
+                n_sig += 1
+                agree_sig += int(pred * float(pd["antisym"]) > 0)
+    counts.update({"n_significant": n_sig, "agree_significant": agree_sig})
+    known = sorted(x for x in dofs if x is not None)
+    counts["dof"] = known
+    counts["dof_missing"] = None in dofs
+    counts["thresholds"] = ([float(z_threshold)] if z_threshold is not None else
+                            sorted({t_threshold(x) for x in dofs}))
+
+    t0s = sorted({c["t0"] for c in arm["cells"]})
+    right = sum(
+        all(pd["agree"] for c in arm["cells"] if c["t0"] == t0 for pd in c["per_domain"].values())
+        for t0 in t0s
+    )
+    # one prediction per (t0, domain): every Δw there shares one P estimate and one base trajectory.
+    # recency baseline: the domain boosted last ends better, i.e. antisym > 0 for domain 1, < 0 for domain 2
+    groups: dict[tuple[Any, str], list[tuple[bool, bool]]] = {}
+    for c in arm["cells"]:
+        for d, pd in c["per_domain"].items():
+            s = 1 if d == d1 else -1
+            groups.setdefault((c["t0"], d), []).append((bool(pd["pred"] * pd["antisym"] > 0),
+                                                        bool(s * pd["antisym"] > 0)))
+    p_major = [_majority([a for a, _ in g]) for g in groups.values()]
+    r_major = [_majority([b for _, b in g]) for g in groups.values()]
+    sgn = [(1 if d == d1 else -1, pd) for c in arm["cells"] for d, pd in c["per_domain"].items()]
+    ratios = [c["antisym"] / c["pred"] for c in cells if c["pred"] != 0]
+    locs = [c.get("locality", math.nan) for c in arm["cells"]]
+    counts.update({"predictions": len(groups),
+                   "predictions_right": sum(r for r, _ in p_major),
+                   "predictions_tied": sum(t for _, t in p_major),
+                   "recency_predictions_right": sum(r for r, _ in r_major),
+                   "recency_predictions_tied": sum(t for _, t in r_major),
+                   "recency_observed": sum(s * pd["antisym"] > 0 for s, pd in sgn),
+                   "recency_predicted": sum(s * pd["pred"] > 0 for s, pd in sgn),
+                   "locality_min": float(np.nanmin(locs)) if locs else math.nan,
+                   "locality_max": float(np.nanmax(locs)) if locs else math.nan,
+                   "lambda_of": lambda_of(arm)})
+    counts.update({"median_obs_over_pred": float(np.median(ratios)) if ratios else math.nan,
+                   "checkpoints": len(t0s), "checkpoints_right": right,
+                   "tokens_match": all(c.get("tokens_match", False) for c in arm["cells"])})
+    return counts
+
+
+def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict[str, Any]:
+    """Sign-agreement counts per arm, per optimiser and overall (see :func:`commute.study.sign_agreement`).
+
+    Per arm and summed per optimiser and overall:
+
+    * ``n``, ``agree``: cells (t0, Δw, domain) and those with the predicted sign. The Δw at one
+      (t0, domain) share one P estimate and one trajectory, so cells are not independent evidence;
+    * ``predictions``, ``predictions_right``, ``predictions_tied``: one prediction per (t0, domain); it is
+      right when a strict majority of its Δw cells have the predicted sign (a tie, possible with an even
+      number of Δw, counts as not right and is counted in ``predictions_tied``);
+    * ``recency_observed``, ``recency_predictions_right`` (``recency_predictions_tied``): the same counts for
+      the naive recency baseline "the domain boosted last ends better" (antisym EL_1 > 0, antisym EL_2 < 0);
+      ``recency_predicted``: cells where P itself predicts the recency sign;
+    * ``n_significant``, ``agree_significant``: cells with |P/se| above the two-sided 95 % Student-t
+      quantile for the estimate's dof (groups − 1; :data:`FALLBACK_THRESHOLD` when the group count is
+      missing), or above ``z_threshold`` when one is given; ``dof``, ``dof_missing`` and ``thresholds`` say
+      which were used; ``n_significant_z2``, ``agree_significant_z2``: the former fixed |z| > 2 counts;
+    * ``checkpoints_right``: the paper's per-checkpoint criterion, a t0 counts as right when every one of
+      its cells (both domains, all Δw) has the predicted sign (the paper: 3 of 4 checkpoints).
+    """
+    out: dict[str, Any] = {"arms": {}, "optimizers": {}, "all": None}
+    d1 = data["domains"][0]
+    for arm in data["arms"]:
+        out["arms"][f"{arm['optimizer']}/{arm['variant']}"] = _arm_counts(arm, d1, z_threshold)
+
+    def total(keys: Sequence[str]) -> dict[str, Any]:
+        rows = [out["arms"][k] for k in keys]
+        agg: dict[str, Any] = {k: sum(int(r[k]) for r in rows) for k in _ADDITIVE}
+        agg["dof"] = sorted({x for r in rows for x in r["dof"]})
+        agg["dof_missing"] = any(r["dof_missing"] for r in rows)
+        agg["thresholds"] = sorted({x for r in rows for x in r["thresholds"]})
+        return agg
+
+    by_opt: dict[str, list[str]] = {}
+    for arm in data["arms"]:
+        by_opt.setdefault(arm["optimizer"], []).append(f"{arm['optimizer']}/{arm['variant']}")
+    out["optimizers"] = {k: total(v) for k, v in by_opt.items()}
+    out["all"] = total(list(out["arms"]))
+    out["significance"] = {"rule": "fixed" if z_threshold is not None else "student_t_0.975",
+                           "dof": out["all"]["dof"], "dof_missing": out["all"]["dof_missing"],
+                           "thresholds": out["all"]["thresholds"]}
+    loc = data.get("locality")
+    if loc:
+        out["locality_ratio_smallest_T"] = {d: loc["rows"][-1][d]["ratio"] for d in loc["domains"]}
+    return out
+
+
