@@ -1,9 +1,9 @@
-"""The one training loop: mixture batches on a weight schedule, atomic checkpoints, exact resume, branches.
+"""The one training loop: mixture batches on a weight schedule, exact resume, branches.
 
-Every experiment (base runs, the paper's eq. (9) interventions, locality sweeps, later an online controller)
-runs through :func:`train`. One optimiser step t (0-based) takes θ_t to θ_{t+1}:
+Every experiment (base runs, the paper's eq. (9) interventions, locality sweeps, an online controller) runs
+through :func:`train`. One optimiser step t (0-based, :func:`train_step`) takes θ_t to θ_{t+1}:
 
-    w = schedule(t)                                    (DESIGN.md §1: right-continuous weights)
+    w = schedule(t)                                    (docs/design.md §1: right-continuous weights)
     batch = sampler.next_batch(w)   (x grad_accum)     (paper §2/§4.2: each example's domain ~ w)
     θ_{t+1} = optimiser(θ_t, ∇ mean_b L_b(θ_t))        (L_b: per-sequence next-token cross-entropy)
 
@@ -13,265 +13,72 @@ paper eq. (1)/(2)), which with a fixed batch holding every domain is determinist
 
 A run directory holds::
 
-    config.yaml                      the run's TrainConfig (documented YAML)
-    metrics.csv                      per row: step (steps done), lr, train loss (mean since the last row)
-                                     and per domain, val loss per domain (at eval steps), weight/<d> of
-                                     the last step, tokens/<d> trained on so far, tokens/s
-    tb/                              TensorBoard events (same tags)
-    checkpoints/step_XXXXXXXX/       model.safetensors, optimizer.pt, rng.safetensors, state.json
+    config.yaml                      the run's TrainConfig (documented YAML, commute.train_config)
+    metrics.csv, tb/                 one row per logged step (commute.metrics)
+    checkpoints/step_XXXXXXXX/       atomic, checksummed checkpoints (commute.checkpoint)
     checkpoints/latest               name of the newest complete checkpoint
 
-Checkpoints are written to a temporary directory and renamed into place (``os.replace``), so a kill at any
-moment leaves the previous checkpoint loadable; ``state.json`` carries sha256 sums of the other files, so
-a damaged checkpoint is detected instead of silently loaded. Nothing is unpickled: weights and RNG states
-are safetensors, the optimiser state is read with ``torch.load(weights_only=True)``.
+The modules split the ideas; every name used elsewhere (:class:`TrainConfig`, :func:`load_checkpoint`,
+:func:`find_checkpoint`, :func:`list_checkpoints`, :class:`Checkpoint`, ...) is also importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from commute.checkpoint import (
+    CKPT_FORMAT,
+    Checkpoint,
+    check_arch,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    model_arch,
+    prune_checkpoints,
+    read_state,
+    remove_partial_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from commute.checkpoint import sha256_file as _sha256
 from commute.errors import CommuteError, NonFiniteLossError
+from commute.metrics import Interval, Metrics
 from commute.model import build_model, count_parameters, sequence_losses
+from commute.progress import Progress
+from commute.train_config import DTYPES, TrainConfig
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
     "Checkpoint",
     "StepInfo",
+    "StepResult",
     "train",
+    "train_step",
     "evaluate",
     "load_checkpoint",
     "find_checkpoint",
     "list_checkpoints",
     "lr_at",
+    "param_group_names",
+    "adam_metric",
+    "CKPT_FORMAT",
 ]
 
-CKPT_FORMAT = 1
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
-_OPTIMIZERS = ("adam", "adamw", "sgd")
-_LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, dict | list):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
 
 # --------------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. Round-trips through YAML (:meth:`to_yaml`/:meth:`from_yaml`).
-
-    Field documentation is in each field's ``metadata["help"]`` and in the YAML written by
-    :meth:`to_yaml` (``commute train-template`` prints it).
-    """
-
-    # model
-    model: str = _f("tiny", "Model preset: tiny (0.45M parameters), small (3.3M) or gpt2 (the paper's 124M).")
-    model_overrides: dict = _f({}, "GPT2Config fields overriding the preset, e.g. {n_layer: 1, n_embd: 64}.")
-    vocab_size: int | None = _f(None, "Vocabulary size; null = the tokenizer's (256 for bytes).")
-    attn_implementation: str = _f("eager", "Attention kernel: eager (safe for HVPs) or sdpa (faster).")
-    # data
-    domains: dict = _f({}, "Name -> source: text dir, .txt, .jsonl, HF save_to_disk dir or fortunes:<lang>.")
-    tokenizer: str = _f("byte", "Tokenizer: byte (vocab 256), bpe / bpe:<vocab> (trained locally) or a path.")
-    cache_dir: str | None = _f(None, "Token cache directory; null = $COMMUTE_CACHE or ~/.cache/commute.")
-    val_fraction: float = _f(0.05, "Fraction of each domain's documents held out for validation.")
-    seq_len: int = _f(128, "Tokens per training sequence (must not exceed the model's context).")
-    batch_size: int = _f(16, "Sequences per micro-batch.")
-    grad_accum: int = _f(1, "Micro-batches per optimiser step (effective batch = batch_size * grad_accum).")
-    sampler_mode: str = _f("sample", "sample: each example's domain ~ w(t) (paper); exact: stratified.")
-    schedule: dict | None = _f(None, "Weight schedule (commute.schedule dict); null = equal weights.")
-    loss_weighting: str = _f("sample", "sample: batch mean (paper); domain: sum_k w_k * mean loss of k.")
-    # optimisation
-    optimizer: str = _f("adam", "adam, adamw (decoupled weight decay) or sgd.")
-    lr: float = _f(1e-3, "Peak learning rate.")
-    lr_schedule: str = _f("constant", "constant (default), cosine or linear decay after warmup.")
-    warmup_steps: int = _f(0, "Linear warmup steps from 0 to lr.")
-    min_lr_ratio: float = _f(0.1, "Final lr / peak lr for cosine and linear decay.")
-    betas: list = _f([0.9, 0.999], "Adam/AdamW betas (the paper's 0.9, 0.999).")
-    eps: float = _f(1e-8, "Adam/AdamW epsilon.")
-    momentum: float = _f(0.0, "SGD momentum (0 = plain gradient descent, the case the theory covers).")
-    weight_decay: float = _f(0.0, "Weight decay on matrices (dim >= 2); decoupled for adamw, L2 otherwise.")
-    grad_clip: float = _f(0.0, "Clip the global gradient norm to this value; 0 = off.")
-    steps: int = _f(300, "Total optimiser steps of the run.")
-    seed: int = _f(0, "Seed of the initialisation, the sampler's streams and torch's RNG.")
-    # evaluation, logging, checkpoints
-    eval_every: int = _f(50, "Evaluate validation loss every N steps (and at start and end); 0 = never.")
-    eval_batches: int = _f(4, "Fixed validation batches per domain (batch_size sequences each).")
-    log_every: int = _f(10, "Write a metrics row every N steps (train losses averaged since the last row).")
-    ckpt_every: int = _f(100, "Checkpoint every N steps (and at the end); 0 = only at the end.")
-    ckpt_steps: list = _f([], "Extra steps to checkpoint at (e.g. the t0 of planned interventions).")
-    keep_last: int = _f(0, "Keep only the newest N periodic checkpoints (ckpt_steps are kept); 0 = all.")
-    tensorboard: bool = _f(True, "Also write TensorBoard events to <out>/tb.")
-    # hardware
-    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...")
-    dtype: str = _f("float32", "Parameter dtype: float32, float64, bfloat16 or float16.")
-    autocast: str | None = _f(None, "Mixed-precision compute dtype (bfloat16/float16); null = off.")
-    deterministic: bool = _f(True, "torch.use_deterministic_algorithms (bitwise-reproducible runs).")
-
-    # fields that never change a run's trajectory (free to differ on resume)
-    RUN_FIELDS = ("steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "ckpt_steps",
-                  "keep_last", "tensorboard", "device", "cache_dir")
-    # fields a branch may change (on top of RUN_FIELDS)
-    BRANCH_FIELDS = ("schedule", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "betas", "eps",
-                     "momentum", "weight_decay", "grad_clip", "loss_weighting", "attn_implementation",
-                     "autocast", "deterministic")
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # ---- validation -------------------------------------------------------------------------------
-    def validate(self) -> TrainConfig:
-        """Check every field; raise :class:`CommuteError` with one sentence naming the bad one."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise CommuteError(msg)
-
-        def pos_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
-                 f"config field {name} must be an integer >= {minimum}, got {v!r}.")
-
-        for name in ("seq_len", "batch_size", "grad_accum"):
-            pos_int(name, 1)
-        if self.seq_len < 2:
-            raise CommuteError(f"config field seq_len must be >= 2 to have a next token, got {self.seq_len}.")
-        for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "ckpt_every", "keep_last",
-                     "seed"):
-            pos_int(name, 0)
-        pos_int("log_every", 1)
-        need(self.optimizer in _OPTIMIZERS,
-             f"config field optimizer must be one of {', '.join(_OPTIMIZERS)}, got {self.optimizer!r}.")
-        need(self.lr_schedule in _LR_SCHEDULES, f"config field lr_schedule must be one of "
-             f"{', '.join(_LR_SCHEDULES)}, got {self.lr_schedule!r}.")
-        need(self.sampler_mode in ("sample", "exact"),
-             f"config field sampler_mode must be 'sample' or 'exact', got {self.sampler_mode!r}.")
-        need(self.loss_weighting in ("sample", "domain"),
-             f"config field loss_weighting must be 'sample' or 'domain', got {self.loss_weighting!r}.")
-        need(self.dtype in _DTYPES,
-             f"config field dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}.")
-        need(self.autocast in (None, "bfloat16", "float16"),
-             f"config field autocast must be null, bfloat16 or float16, got {self.autocast!r}.")
-        need(self.attn_implementation in ("eager", "sdpa"),
-             f"config field attn_implementation must be eager or sdpa, got {self.attn_implementation!r}.")
-        for name in ("lr", "eps", "momentum", "weight_decay", "grad_clip", "min_lr_ratio", "val_fraction"):
-            v = getattr(self, name)
-            need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
-                 f"config field {name} must be a finite number >= 0, got {v!r}.")
-        need(self.lr > 0, f"config field lr must be > 0, got {self.lr!r}.")
-        need(0 < self.val_fraction < 1,
-             f"config field val_fraction must be in (0, 1), got {self.val_fraction!r}.")
-        need(isinstance(self.betas, list | tuple) and len(self.betas) == 2
-             and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas),
-             f"config field betas must be two numbers in [0, 1), got {self.betas!r}.")
-        self.betas = [float(b) for b in self.betas]
-        need(isinstance(self.model_overrides, dict), "config field model_overrides must be a mapping.")
-        need(isinstance(self.domains, dict) and all(isinstance(k, str) for k in self.domains),
-             "config field domains must map domain names to sources, e.g. {en: 'fortunes:en'}.")
-        self.domains = {k: str(v) for k, v in self.domains.items()}
-        need(self.vocab_size is None or (isinstance(self.vocab_size, int) and self.vocab_size > 0),
-             f"config field vocab_size must be a positive integer or null, got {self.vocab_size!r}.")
-        need(isinstance(self.ckpt_steps, list | tuple)
-             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.ckpt_steps),
-             f"config field ckpt_steps must be a list of integers >= 0, got {self.ckpt_steps!r}.")
-        self.ckpt_steps = sorted(set(self.ckpt_steps))
-        need(self.schedule is None or isinstance(self.schedule, dict | str),
-             "config field schedule must be a schedule mapping (e.g. {type: constant, weights: {...}}).")
-        return self
-
-    # ---- (de)serialisation --------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict of all fields (JSON/YAML-able)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "the config") -> TrainConfig:
-        """Build from a mapping; unknown fields are an error (typos must not be silently ignored)."""
-        if not isinstance(d, Mapping):
-            raise CommuteError(f"{where} must be a mapping of field: value, got {type(d).__name__}.")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise CommuteError(f"{where} has unknown field(s) {', '.join(map(str, unknown))}; "
-                               f"known fields: {', '.join(names)}.")
-        try:
-            return cls(**dict(d))
-        except TypeError as exc:
-            raise CommuteError(f"{where} is malformed: {exc}.") from None
-
-    def to_yaml(self, path: str | Path | None = None, comments: bool = True) -> str:
-        """The config as YAML, each field preceded by its documentation; written atomically to ``path``."""
-        import yaml
-
-        lines = ["# commute training config (commute train CONFIG.yaml); every field is optional."]
-        d = self.to_dict()
-        for f in dataclasses.fields(self):
-            if comments:
-                lines.append(f"# {f.metadata.get('help', '')}")
-            lines.append(yaml.safe_dump({f.name: d[f.name]}, sort_keys=False, allow_unicode=True,
-                                        default_flow_style=False).rstrip())
-        text = "\n".join(lines) + "\n"
-        if path is not None:
-            _atomic_write_text(Path(path), text)
-        return text
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML config file (see :meth:`to_yaml`)."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise CommuteError(f"config file {str(path)!r} does not exist.")
-        try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CommuteError(f"config file {str(path)!r} is not valid YAML: {first}.") from None
-        return cls.from_dict(d, where=f"config file {str(path)!r}")
-
-    @classmethod
-    def load(cls, obj: TrainConfig | Mapping[str, Any] | str | Path) -> TrainConfig:
-        """A config from a TrainConfig (copied), a mapping or a YAML path."""
-        if isinstance(obj, TrainConfig):
-            return cls.from_dict(obj.to_dict())
-        if isinstance(obj, Mapping):
-            return cls.from_dict(obj)
-        return cls.from_yaml(obj)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with some fields changed."""
-        return type(self).from_dict({**self.to_dict(), **changes})
-
-    def trajectory_hash(self) -> str:
-        """sha256 over the fields that determine the trajectory (all but :attr:`RUN_FIELDS`)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.RUN_FIELDS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------------
-# results, checkpoints
+# results
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -301,245 +108,32 @@ class StepInfo:
     domain_losses: dict[str, float]
 
 
-@dataclass
-class Checkpoint:
-    """A checkpoint read by :func:`load_checkpoint`."""
+@dataclass(frozen=True)
+class StepResult:
+    """What one :func:`train_step` did (domain sums cover micro-batches that carry domain ids)."""
 
-    path: Path
-    step: int
-    config: TrainConfig
-    state: dict[str, Any]  #: the parsed state.json (sampler, schedule, parent, tokens, ...)
-    model: torch.nn.Module | None = None
-    optimizer_state: dict[str, Any] | None = None
+    loss: float  #: the descended loss, averaged over the micro-batches
+    domain_loss_sum: dict[str, float]  #: Σ of per-sequence losses of each domain's sequences (float64)
+    domain_sequences: dict[str, int]  #: sequences of each domain
+    domain_tokens: dict[str, int]  #: tokens of each domain
+    tokens: int  #: tokens of all micro-batches
 
     @property
-    def schedule(self) -> Any:
-        """The schedule the run used (a :class:`commute.schedule.Schedule`), if it can be rebuilt."""
-        from commute.schedule import Schedule
-
-        return Schedule.from_dict(self.state["schedule"]) if self.state.get("schedule") else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _arch(model: torch.nn.Module) -> dict[str, Any]:
-    """The shape-defining part of a model's config (what a checkpoint must match)."""
-    c = model.config
-    keys = ("model_type", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size",
-            "activation_function", "tie_word_embeddings")
-    return {k: getattr(c, k, None) for k in keys}
-
-
-def _rng_state() -> dict[str, Tensor]:
-    out = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"cuda:{i}"] = s
-    return out
-
-
-def _set_rng_state(states: Mapping[str, Tensor]) -> None:
-    torch.set_rng_state(states["cpu"])
-    cuda = [states[k] for k in sorted(states) if k.startswith("cuda:")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-
-
-_CKPT_FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors")
-
-
-def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     state: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step_XXXXXXXX`` atomically (temp dir + rename), then the ``latest`` pointer."""
-    from safetensors.torch import save_file, save_model
-
-    ckdir = run_dir / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckdir))
-    try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({k: v.contiguous() for k, v in _rng_state().items()}, str(tmp / "rng.safetensors"))
-        state = {**state, "files": {f: _sha256(tmp / f) for f in _CKPT_FILES}}
-        _atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-        for f in _CKPT_FILES:
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        final = ckdir / name
-        old = None
-        if final.exists():  # re-writing a step (e.g. a run resumed from an earlier checkpoint)
-            old = ckdir / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(ckdir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(ckdir / "latest", name + "\n")
-    return final
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temporary leftovers are ignored)."""
-    ckdir = Path(run_dir) / "checkpoints"
-    if not ckdir.is_dir():
-        return []
-    out = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted(out, key=lambda p: int(p.name[5:]))
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a run directory, its ``checkpoints`` directory or a ``step_*`` directory to a checkpoint.
-
-    For a run, this is the one named by ``checkpoints/latest`` (else the newest ``step_*``).
-    """
-    p = Path(path)
-    if (p / "state.json").is_file() or p.name.startswith("step_"):
-        if not p.is_dir():
-            raise CommuteError(f"checkpoint {str(p)!r} does not exist.")
-        return p
-    run = p.parent if p.name == "checkpoints" else p
-    latest = run / "checkpoints" / "latest"
-    if latest.is_file():
-        cand = run / "checkpoints" / latest.read_text().strip()
-        if cand.is_dir():
-            return cand
-    cks = list_checkpoints(run)
-    if not cks:
-        raise CommuteError(f"no checkpoint found in {str(p)!r}.")
-    return cks[-1]
-
-
-def _corrupt(path: Path, why: str) -> CommuteError:
-    return CommuteError(f"checkpoint {str(path)!r} is corrupt or incomplete ({why}); delete it to use an "
-                        "earlier one.")
-
-
-def _read_state(path: Path, verify: bool = True) -> dict[str, Any]:
-    sp = path / "state.json"
-    if not sp.is_file():
-        raise _corrupt(path, "state.json is missing")
-    try:
-        state = json.loads(sp.read_text(encoding="utf-8"))
-        files = state["files"]
-        int(state["step"])
-        state["config"]["seed"]  # noqa: B018
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _corrupt(path, f"state.json is unreadable: {type(exc).__name__}") from None
-    if state.get("format") != CKPT_FORMAT:
-        raise CommuteError(f"checkpoint {str(path)!r} has format {state.get('format')!r}, but this version "
-                           f"of commute reads format {CKPT_FORMAT}.")
-    if verify:
-        for f in _CKPT_FILES:
-            if not (path / f).is_file():
-                raise _corrupt(path, f"{f} is missing")
-            if _sha256(path / f) != files.get(f):
-                raise _corrupt(path, f"{f} does not match its checksum")
-    return state
-
-
-def _check_arch(path: Path, saved: Mapping[str, Any], model: torch.nn.Module) -> None:
-    mine = _arch(model)
-    diff = [f"{k} {saved.get(k)!r} vs {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
-    if diff:
-        raise CommuteError(f"checkpoint {str(path)!r} holds a different model ({'; '.join(diff)} in this "
-                           "config); use the config it was trained with.")
-
-
-def _load_weights(path: Path, model: torch.nn.Module, device: torch.device | str) -> None:
-    from safetensors.torch import load_model
-
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
-                                         device=str(device))
-    except Exception as exc:  # header/shape errors from safetensors
-        raise CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
-                           f"({str(exc).splitlines()[0][:200]}).") from None
-    if missing or unexpected:
-        raise CommuteError(f"checkpoint {str(path)!r} does not fit this model (missing "
-                           f"{len(missing)}, unexpected {len(unexpected)} tensors).")
-
-
-def load_checkpoint(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    attn_implementation: str | None = None,
-    with_model: bool = True,
-    with_optimizer: bool = False,
-    verify: bool = True,
-) -> Checkpoint:
-    """Read a checkpoint (a run dir, its ``checkpoints`` dir or a ``step_*`` dir) without unpickling.
-
-    Returns a :class:`Checkpoint` with the config, the parsed ``state.json`` and, by default, the model
-    rebuilt from the config and loaded from ``model.safetensors`` (in eval mode, on ``device``, cast to
-    ``dtype`` if given, e.g. ``torch.float64`` for curvature checks; ``attn_implementation`` may switch
-    eager/sdpa). ``with_optimizer`` also loads the optimiser state dict (``weights_only=True``). Files are
-    checked against the sha256 sums in ``state.json`` unless ``verify=False``.
-    """
-    p = find_checkpoint(path)
-    state = _read_state(p, verify=verify)
-    config = TrainConfig.from_dict(state["config"], where=f"the config of checkpoint {str(p)!r}")
-    model = None
-    if with_model:
-        cfg_dtype = _DTYPES[config.dtype]
-        model = build_model(config.model, vocab_size=int(state["arch"]["vocab_size"]), dtype=cfg_dtype,
-                            attn_implementation=attn_implementation or config.attn_implementation,
-                            **config.model_overrides)
-        _check_arch(p, state["arch"], model)
-        _load_weights(p, model, "cpu")
-        model.to(device=device, dtype=dtype or cfg_dtype).eval()
-    opt = None
-    if with_optimizer:
-        try:
-            opt = torch.load(p / "optimizer.pt", map_location=device, weights_only=True)
-        except Exception as exc:
-            raise _corrupt(p, f"optimizer.pt unreadable: {type(exc).__name__}") from None
-    return Checkpoint(path=p, step=int(state["step"]), config=config, state=state, model=model,
-                      optimizer_state=opt)
+    def domain_losses(self) -> dict[str, float]:
+        """Mean per-sequence loss of each domain present in the step."""
+        return {n: self.domain_loss_sum[n] / k for n, k in self.domain_sequences.items() if k}
 
 
 # --------------------------------------------------------------------------------------------------
-# pieces of the loop
+# optimiser and learning rate
 # --------------------------------------------------------------------------------------------------
 def lr_at(config: TrainConfig, step: int) -> float:
     """Learning rate of step ``step``: linear warmup to ``lr`` over ``warmup_steps``, then constant, or a
-    cosine / linear decay to ``min_lr_ratio * lr`` at ``steps``."""
+    cosine / linear decay to ``min_lr_ratio * lr`` at ``steps``.
+
+    With s = (step − warmup) / max(1, steps − warmup) clipped to [0, 1] and lo = min_lr_ratio·lr:
+    cosine lr(s) = lo + (lr − lo)(1 + cos πs)/2, linear lr(s) = lr + (lo − lr)s.
+    """
     lr = config.lr
     if config.warmup_steps and step < config.warmup_steps:
         return lr * (step + 1) / config.warmup_steps
@@ -553,12 +147,52 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return lr + (lo - lr) * s
 
 
+def param_group_names(model: torch.nn.Module) -> list[list[str]]:
+    """The optimiser's parameter groups by name: ``[matrices (dim ≥ 2, weight-decayed), the rest (biases,
+    layer norms)]``, trainable parameters only, each in ``model.named_parameters()`` order (tied tensors
+    once). An optimiser state dict numbers its parameters in this order, group 0 first."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [[n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]]
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Group 0: matrices (dim >= 2, decayed); group 1: biases and layer norms; ``parameters()`` order in
-    each (the optimiser state's indices follow this order)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """The optimiser's groups (:func:`param_group_names`); weight decay on group 0 only."""
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in group] for group in param_group_names(model))
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adam_metric(optimizer_state: Mapping[str, Any] | None,
+                model: torch.nn.Module) -> dict[str, Tensor] | None:
+    """Adam's diagonal metric per parameter name, from an Adam/AdamW state dict built by :func:`train`:
+
+        D = √v̂ + ε,   v̂ = v / (1 − β₂^t)      (v = ``exp_avg_sq``, t = the parameter's step count)
+
+    so Adam's step is θ ← θ − lr · m̂ / D. Computed in float64, returned in each parameter's dtype and on
+    the state's device. β₂ and ε are those of the parameter's group. ``None`` if the state has no
+    ``exp_avg_sq`` for some parameter (SGD, or no step taken yet). Parameters are matched to the state's
+    indices through :func:`param_group_names`, so ``model`` must have the trainable parameters the
+    optimiser was built with (a mismatch is a :class:`CommuteError`).
+    """
+    if not optimizer_state or not optimizer_state.get("state"):
+        return None
+    state, groups = optimizer_state["state"], optimizer_state["param_groups"]
+    names = param_group_names(model)
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [len(n) for n in names]:
+        raise CommuteError(f"the optimiser state has parameter groups of sizes {sizes}, but this model's "
+                           f"are {[len(n) for n in names]}; pass the model the optimiser was built for.")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    out: dict[str, Tensor] = {}
+    for group, group_names in zip(groups, names, strict=True):
+        for idx, name in zip(group["params"], group_names, strict=True):
+            s = state.get(idx) or state.get(str(idx))
+            if s is None or "exp_avg_sq" not in s:
+                return None
+            beta2, eps = float(group["betas"][1]), float(group["eps"])
+            vhat = s["exp_avg_sq"].to(torch.float64) / (1.0 - beta2 ** float(s["step"]))
+            out[name] = (vhat.sqrt() + eps).to(dtypes[name])
+    return out
 
 
 def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -596,6 +230,9 @@ def _resolve_device(name: str) -> torch.device:
     return dev
 
 
+# --------------------------------------------------------------------------------------------------
+# evaluation and one step
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
              dtype: torch.dtype | None = None) -> dict[str, float]:
@@ -622,124 +259,412 @@ def evaluate(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
     return out
 
 
+def _micro_batch_loss(seq: Tensor, dom: Tensor | None, weights: Mapping[str, float],
+                      names: Sequence[str]) -> Tensor:
+    """Σ_k w_k · mean_{b: d_b=k} ℓ_b / Σ_k w_k over the domains k present with w_k > 0 (``seq`` = ℓ)."""
+    if dom is None:
+        raise CommuteError("loss_weighting='domain' needs batches with domain ids.")
+    dom_d = dom.to(seq.device)
+    parts, wsum = [], 0.0
+    for i, n in enumerate(names):
+        m = dom_d == i
+        if weights.get(n, 0.0) > 0 and bool(m.any()):
+            parts.append(weights[n] * seq[m].mean())
+            wsum += weights[n]
+    return torch.stack(parts).sum() / wsum
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[Any],
+    weights: Mapping[str, float],
+    names: Sequence[str],
+    *,
+    lr: float,
+    loss_weighting: str = "sample",
+    grad_clip: float = 0.0,
+    autocast: torch.dtype | None = None,
+    step: int = 0,
+    last_checkpoint: Path | None = None,
+) -> StepResult:
+    """One optimiser step at learning rate ``lr`` on M = ``len(micro_batches)`` micro-batches.
+
+    A micro-batch is a ``Batch`` (``input_ids`` [B, T] and ``domain`` ids indexing ``names``) or a [B, T]
+    LongTensor. With ℓ_b the per-sequence loss, the step descends ∇ (1/M) Σ_m L_m with
+
+        L_m = mean_{b∈m} ℓ_b                                        (``loss_weighting="sample"``)
+        L_m = Σ_k w_k · mean_{b∈m, d_b=k} ℓ_b / Σ_k w_k             (``"domain"``; k over domains present
+                                                                     in m with w_k > 0)
+
+    then clips the global gradient norm to ``grad_clip`` (0 = off). ``autocast`` is the mixed-precision
+    compute dtype (None = off). A non-finite loss raises :class:`NonFiniteLossError` before the optimiser
+    steps, naming ``step`` and ``last_checkpoint``.
+    """
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    device = next(model.parameters()).device
+    amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    dom_sum = dict.fromkeys(names, 0.0)
+    dom_n = dict.fromkeys(names, 0)
+    dom_tokens = dict.fromkeys(names, 0)
+    n_tokens = 0
+    for mb in micro_batches:
+        ids = getattr(mb, "input_ids", mb)
+        dom = getattr(mb, "domain", None)
+        ids = ids.to(device, non_blocking=True)
+        with amp:
+            seq = sequence_losses(model, ids)
+        loss = _micro_batch_loss(seq, dom, weights, names) if loss_weighting == "domain" else seq.mean()
+        (loss / len(micro_batches)).backward()
+        step_loss += float(loss.detach()) / len(micro_batches)
+        if dom is not None:
+            sl = seq.detach().double().cpu()
+            for i, n in enumerate(names):
+                m = dom == i
+                k = int(m.sum())
+                if k:
+                    dom_sum[n] += float(sl[m].sum())
+                    dom_n[n] += k
+                    dom_tokens[n] += k * ids.shape[1]
+        n_tokens += ids.numel()
+    if not math.isfinite(step_loss):
+        good = (f"checkpoint {last_checkpoint.name} is intact" if last_checkpoint
+                else "no checkpoint was written yet")
+        raise NonFiniteLossError(f"the training loss became {step_loss} at step {step} (lr={lr:g}); "
+                                 f"{good}; lower the learning rate or check the data.")
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return StepResult(loss=step_loss, domain_loss_sum=dom_sum, domain_sequences=dom_n,
+                      domain_tokens=dom_tokens, tokens=n_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# setting a run up: where it continues from, data, schedule
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Origin:
+    """The checkpoint a call continues from: the run's own latest (resume), a parent's (a new branch),
+    or none (a fresh run)."""
+
+    path: Path | None = None
+    state: dict[str, Any] | None = None
+    resume: bool = False
+
+    @property
+    def branch(self) -> bool:
+        """A new branch: starts at another run's checkpoint."""
+        return self.state is not None and not self.resume
+
+
+def _find_origin(out_dir: Path, resume: bool, branch_from: str | Path | None) -> _Origin:
+    """Resume ``out_dir`` if it holds checkpoints (it must then be ``branch_from``'s branch, if given), else
+    branch from ``branch_from``, else start afresh."""
+    existing = list_checkpoints(out_dir)
+    parent: Path | None = None
+    if branch_from is not None:
+        parent = find_checkpoint(branch_from)
+        if out_dir.resolve() == parent.parent.parent.resolve():
+            raise CommuteError("a branch must be written to its own directory, not into its parent's run.")
+    if existing:
+        if not resume:
+            raise CommuteError(f"{str(out_dir)!r} already holds a run (last checkpoint "
+                               f"{existing[-1].name}); resume it, or choose an empty output directory.")
+        own = find_checkpoint(out_dir)
+        state = read_state(own)
+        recorded = (state.get("parent") or {}).get("checkpoint")
+        if parent is not None and recorded != str(parent.resolve()):
+            raise CommuteError(f"{str(out_dir)!r} already holds a run that is not a branch of "
+                               f"{str(parent)!r}; choose an empty output directory for the branch.")
+        return _Origin(own, state, resume=True)
+    if parent is not None:
+        return _Origin(parent, read_state(parent))
+    return _Origin()
+
+
+def _load_domains(cfg: TrainConfig, domains: Mapping[str, Any] | None, batch_source: Any,
+                  val_batches: Any) -> dict[str, Any]:
+    """The given domains, else the config's loaded if batches or validation batches must come from them."""
+    need_data = batch_source is None or (bool(cfg.domains) and bool(cfg.eval_every) and val_batches is None)
+    if domains is None and need_data:
+        if not cfg.domains:
+            raise CommuteError("the config names no domains; add e.g. domains: {en: 'fortunes:en'}.")
+        from commute.data import load_domains
+
+        domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cfg.cache_dir,
+                               val_fraction=cfg.val_fraction)
+    domains = dict(domains or {})
+    if cfg.domains and domains and set(cfg.domains) != set(domains):
+        raise CommuteError(f"the given domains {sorted(domains)} differ from the config's "
+                           f"{sorted(cfg.domains)}.")
+    return domains
+
+
+def _resolve_schedule(cfg: TrainConfig, schedule: Any,
+                      names: list[str]) -> tuple[Any, TrainConfig, list[str]]:
+    """The schedule (argument, else config, else equal weights), the config recording it, the domain names."""
+    from commute.schedule import Constant, FromCallable, parse_schedule
+
+    sched_obj: Any = schedule if schedule is not None else cfg.schedule
+    if sched_obj is None:
+        if not names:
+            raise CommuteError("cannot make the default equal-weight schedule without domain names.")
+        sched = Constant({n: 1.0 / len(names) for n in names})
+    else:
+        sched = parse_schedule(sched_obj, domains=names or None)
+    if not names:
+        names = list(sched.domains)
+    if not isinstance(sched, FromCallable):
+        cfg = cfg.replace(schedule=sched.to_dict())
+    return sched, cfg, names
+
+
+def _check_origin(cfg: TrainConfig, sched: Any, names: list[str], origin: _Origin) -> None:
+    """The run may continue from ``origin``: same trajectory fields (a branch may change
+    :attr:`TrainConfig.BRANCH_FIELDS`), same model and domains, and an intervention not already begun."""
+    from commute.schedule import FromCallable, Intervention
+
+    if origin.state is None:
+        return
+    base_ck, base_state = origin.path, origin.state
+    if origin.branch and isinstance(sched, Intervention) and int(base_state["step"]) > sched.t0:
+        raise CommuteError(f"the intervention starts at t0={sched.t0} but the branch starts at step "
+                           f"{int(base_state['step'])}; branch from the checkpoint at step {sched.t0}.")
+    saved = TrainConfig.from_dict(base_state["config"], where=f"the config of {str(base_ck)!r}")
+    allowed = set(TrainConfig.RUN_FIELDS)
+    if origin.branch:  # a new branch may change the schedule and optimiser settings
+        allowed |= set(TrainConfig.BRANCH_FIELDS)
+    mine, theirs = cfg.to_dict(), saved.to_dict()
+    if isinstance(sched, FromCallable) or base_state.get("schedule", {}).get("type") == "callable":
+        allowed.add("schedule")
+    diff = [k for k in mine if k not in allowed and mine[k] != theirs[k]]
+    shape = [k for k in ("model", "model_overrides", "vocab_size") if k in diff]
+    if shape:
+        raise CommuteError(f"checkpoint {str(base_ck)!r} holds a different model ("
+                           + "; ".join(f"{k} {theirs[k]!r} there, {mine[k]!r} here" for k in shape)
+                           + "); use the config it was trained with or a new output directory.")
+    if diff:
+        what = "resume" if origin.resume else "branch from"
+        raise CommuteError(f"cannot {what} {str(base_ck)!r}: its config differs in "
+                           f"{', '.join(diff)}; use the same settings or a new output directory.")
+    if list(base_state.get("domain_names", names)) != names:
+        raise CommuteError(f"checkpoint {str(base_ck)!r} was trained on domains "
+                           f"{base_state.get('domain_names')}, not {names}.")
+
+
+def _vocab_size(cfg: TrainConfig, domains: Mapping[str, Any]) -> int:
+    vocab = cfg.vocab_size or (next(iter(domains.values())).vocab_size if domains else None)
+    if vocab is None:
+        from commute.data import get_tokenizer
+
+        vocab = get_tokenizer(cfg.tokenizer).vocab_size
+    return int(vocab)
+
+
+def _validation_batches(cfg: TrainConfig, domains: Mapping[str, Any],
+                        given: Mapping[str, Sequence[Any]] | None) -> dict[str, Sequence[Any]]:
+    """``given``, else ``eval_batches`` fixed batches per domain from its validation split (if evaluating)."""
+    if given is None and cfg.eval_every and domains:
+        given = {n: d.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len)
+                 for n, d in domains.items()} if cfg.eval_batches else {}
+    return dict(given or {})
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Inside: ``torch.use_deterministic_algorithms(enabled)`` and a forked RNG; both restored after."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            torch.use_deterministic_algorithms(enabled)
+            yield
+        finally:
+            torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+class _Run:
+    """One :func:`train` call's state: model, optimiser, batches, counters, metrics, last checkpoint.
+
+    Built inside :func:`_deterministic` (the initialisation draws from torch's seeded RNG).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, names: list[str], sched: Any,
+                 domains: Mapping[str, Any], batch_source: Any, device: torch.device, vocab: int) -> None:
+        self.cfg, self.out_dir, self.names, self.sched, self.device = cfg, out_dir, names, sched, device
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, vocab_size=vocab, dtype=DTYPES[cfg.dtype],
+                                 attn_implementation=cfg.attn_implementation, **cfg.model_overrides)
+        if cfg.seq_len > self.model.config.n_positions:
+            raise CommuteError(f"seq_len={cfg.seq_len} exceeds the model's context of "
+                               f"{self.model.config.n_positions}; lower seq_len or set "
+                               "model_overrides.n_positions.")
+        self.model.to(device)
+        self.optimizer = _build_optimizer(self.model, cfg)
+        self.sampler = None
+        if batch_source is None:
+            from commute.data import MixtureSampler
+
+            self.sampler = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.sampler_mode)
+        self.batch_source = batch_source
+        self.source_iter: Iterator[Any] | None = None
+        self.step = 0
+        self.end = 0
+        self.tokens = dict.fromkeys(names, 0)
+        self.interval = Interval(names)
+        self.parent: dict[str, Any] | None = None
+        self.last_ck: Path | None = None
+        self.losses: dict[int, float] = {}
+        self.val_batches: dict[str, Sequence[Any]] = {}
+        self.last_val: dict[str, float] = {}
+        self.last_val_step: int | None = None
+        self.metrics: Metrics | None = None
+        self.ckpt_steps = set(cfg.ckpt_steps)
+        self.t_start = self.t_row = 0.0
+        self.tok_row = self.tok_total = 0
+
+    def restore(self, origin: _Origin) -> None:
+        """Continue from ``origin``: weights, optimiser, RNG, step, sampler, tokens; on resume also the
+        metrics interval, the parent and the last checkpoint."""
+        ck, state = origin.path, origin.state
+        assert ck is not None and state is not None
+        check_arch(ck, state["arch"], self.model)
+        load_weights(ck, self.model, self.device)
+        try:
+            opt_state = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
+            self.optimizer.load_state_dict(opt_state)
+        except Exception as exc:
+            raise CommuteError(f"cannot restore the optimiser state of checkpoint {str(ck)!r} "
+                               f"({type(exc).__name__}).") from None
+        _apply_hparams(self.optimizer, self.cfg)
+        restore_rng_state(ck)
+        self.step = int(state["step"])
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self.tokens = {n: int(state.get("tokens", {}).get(n, 0)) for n in self.names}
+        if origin.resume:
+            self.interval = Interval(self.names, state.get("interval"))
+            self.parent = state.get("parent")
+            self.last_ck = ck
+        else:
+            self.parent = {"checkpoint": str(ck.resolve()), "step": self.step,
+                           "config_hash": state.get("config_hash"), "schedule": state.get("schedule")}
+
+    def state_dict(self, at: int) -> dict[str, Any]:
+        """The checkpoint's ``state.json`` (without the checksums :func:`save_checkpoint` adds)."""
+        return {
+            "format": CKPT_FORMAT,
+            "step": at,
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.trajectory_hash(),
+            "arch": model_arch(self.model),
+            "n_params": count_parameters(self.model),
+            "domain_names": self.names,
+            "schedule": self.sched.to_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "tokens": dict(self.tokens),
+            "interval": self.interval.to_dict(),
+            "parent": self.parent,
+            "torch": torch.__version__,
+            "time": time.time(),
+        }
+
+    def checkpoint(self, at: int) -> Path:
+        """Save a checkpoint at step ``at`` and prune periodic ones beyond ``keep_last``."""
+        # _sha256 is read from this module at call time: tests replace it to simulate a crash mid-write
+        p = save_checkpoint(self.out_dir, at, self.model, self.optimizer, self.state_dict(at),
+                            checksum=_sha256)
+        prune_checkpoints(self.out_dir, self.cfg.keep_last, self.ckpt_steps, current=p)
+        self.last_ck = p
+        return p
+
+    def validate(self, at: int) -> dict[str, float]:
+        """Evaluate on the validation batches (if any) and remember the result; the last one otherwise."""
+        if self.val_batches:
+            self.last_val, self.last_val_step = evaluate(self.model, self.val_batches), at
+        return self.last_val
+
+    def begin(self, origin: _Origin, end: int) -> None:
+        """Before the first step: evaluate and checkpoint a new start point, open the batches, start the
+        clocks."""
+        self.end = end
+        if not origin.resume and self.val_batches:  # fresh run or new branch: evaluate the start point
+            assert self.metrics is not None
+            self.metrics.write_start(self.step, self.validate(self.step), self.tokens)
+        if not origin.resume and self.step in self.ckpt_steps and self.step < end:
+            self.checkpoint(self.step)
+        if self.batch_source is not None and not callable(self.batch_source):
+            self.source_iter = iter(self.batch_source)
+        self.model.train()
+        self.t_start = self.t_row = time.perf_counter()
+
+    def micro_batches(self, t: int, w: Mapping[str, float]) -> list[Any]:
+        """Step ``t``'s micro-batches: ``grad_accum`` sampler batches at weights ``w``, or the source's."""
+        if self.sampler is not None:
+            return [self.sampler.next_batch(w) for _ in range(self.cfg.grad_accum)]
+        if self.source_iter is not None:
+            try:
+                return _as_micro_batches(next(self.source_iter))
+            except StopIteration:
+                raise CommuteError(f"the batch source ran out at step {t}.") from None
+        return _as_micro_batches(self.batch_source(t))
+
+    def after_step(self, t: int, lr: float, w: Mapping[str, float], res: StepResult, prog: Progress) -> None:
+        """Count step ``t``, then write its metrics row, evaluate and checkpoint where the config says.
+
+        Rows and evaluations depend on the run's steps only (not on where this call stops), so an
+        interrupted-and-resumed run writes the same rows as an uninterrupted one.
+        """
+        cfg = self.cfg
+        self.step = step = t + 1
+        self.losses[t] = res.loss
+        self.interval.add(res.loss, res.domain_loss_sum, res.domain_sequences)
+        for n in self.names:
+            self.tokens[n] += res.domain_tokens[n]
+        self.tok_row += res.tokens
+        self.tok_total += res.tokens
+        is_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if step % cfg.log_every == 0 or is_eval or step == cfg.steps:
+            prog.info(self._log_row(step, lr, w, is_eval))
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in self.ckpt_steps or step == self.end:
+            self.checkpoint(step)
+
+    def _log_row(self, step: int, lr: float, w: Mapping[str, float], is_eval: bool) -> str:
+        """Write the metrics row of ``step`` (evaluating if ``is_eval``); returns the progress text."""
+        assert self.metrics is not None
+        now = time.perf_counter()
+        tps = self.tok_row / max(now - self.t_row, 1e-9)
+        self.t_row, self.tok_row = now, 0
+        loss, dom = self.interval.pop()
+        val = self.validate(step) if is_eval else {}
+        self.metrics.write_step(step, lr, loss, dom, val, w, self.tokens, tps, now - self.t_start)
+        info = f"loss {loss:.3f}" if loss is not None else ""
+        if self.last_val:
+            info += "  val " + " ".join(f"{n} {v:.3f}" for n, v in self.last_val.items())
+        return info + f"  {tps:,.0f} tok/s"
+
+    def result(self, elapsed: float) -> TrainResult:
+        return TrainResult(out_dir=self.out_dir, step=self.step, checkpoint=self.last_ck, losses=self.losses,
+                           val_losses=dict(self.last_val), val_step=self.last_val_step,
+                           tokens=dict(self.tokens), elapsed=elapsed,
+                           tokens_per_second=self.tok_total / max(elapsed, 1e-9),
+                           metrics_path=self.out_dir / "metrics.csv")
+
+
 def _as_micro_batches(item: Any) -> list[Any]:
     if isinstance(item, list | tuple):
         return list(item)
     return [item]
 
 
-_CSV_BASE = ("step", "lr", "loss")
-
-
-def _csv_fields(names: Sequence[str]) -> list[str]:
-    f = list(_CSV_BASE)
-    f += [f"train_loss/{d}" for d in names]
-    f += [f"val_loss/{d}" for d in names]
-    f += [f"weight/{d}" for d in names]
-    f += [f"tokens/{d}" for d in names]
-    f += ["tokens_per_s", "elapsed_s"]
-    return f
-
-
-def _truncate_metrics(path: Path, fields: list[str], upto: int) -> None:
-    """Keep the rows of steps <= ``upto`` (a resumed run rewrites what came after its checkpoint)."""
-    rows: list[dict[str, str]] = []
-    if path.is_file():
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames and list(reader.fieldnames) != fields:
-                raise CommuteError(f"{str(path)!r} has different columns than this run; use a new output "
-                                   "directory.")
-            rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= upto]
-    import io
-
-    s = io.StringIO()
-    w = csv.DictWriter(s, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    buf = s.getvalue()
-    _atomic_write_text(path, buf)
-
-
-class _Metrics:
-    """metrics.csv + TensorBoard, one row per logged step."""
-
-    def __init__(self, out_dir: Path, names: Sequence[str], start_step: int, tensorboard: bool) -> None:
-        self.names = list(names)
-        self.fields = _csv_fields(self.names)
-        self.path = out_dir / "metrics.csv"
-        _truncate_metrics(self.path, self.fields, start_step)
-        self.fh = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
-        self.writer = csv.DictWriter(self.fh, fieldnames=self.fields, lineterminator="\n")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=max(0, start_step + 1))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self.tb = None
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.writer.writerow({k: ("" if v is None else (repr(v) if isinstance(v, float) else v))
-                              for k, v in row.items()})
-        self.fh.flush()
-        if self.tb is not None:
-            step = int(row["step"])
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float) and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.fh.close()
-        if self.tb is not None:
-            with contextlib.suppress(Exception):
-                self.tb.close()
-
-
-class _Interval:
-    """Training-loss sums since the last metrics row (part of the checkpoint, so rows are exact on resume)."""
-
-    def __init__(self, names: Sequence[str], d: Mapping[str, Any] | None = None) -> None:
-        self.names = list(names)
-        d = d or {}
-        self.loss_sum = float(d.get("loss_sum", 0.0))
-        self.n = int(d.get("n", 0))
-        self.dom_sum = {k: float(d.get("dom_sum", {}).get(k, 0.0)) for k in self.names}
-        self.dom_n = {k: int(d.get("dom_n", {}).get(k, 0)) for k in self.names}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum, "n": self.n, "dom_sum": self.dom_sum, "dom_n": self.dom_n}
-
-    def pop(self) -> tuple[float | None, dict[str, float | None]]:
-        loss = self.loss_sum / self.n if self.n else None
-        dom = {k: (self.dom_sum[k] / self.dom_n[k] if self.dom_n[k] else None) for k in self.names}
-        self.__init__(self.names)  # type: ignore[misc]
-        return loss, dom
-
-
-def _progress(enabled: bool, total: int, start: int) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-    task = prog.add_task("train", total=total, completed=start, info="")
-    return prog, task
-
-
-# --------------------------------------------------------------------------------------------------
-# the loop
-# --------------------------------------------------------------------------------------------------
 def train(
     config: TrainConfig | Mapping[str, Any] | str | Path | None,
     out_dir: str | Path,
@@ -780,340 +705,47 @@ def train(
     Raises :class:`CommuteError` (one sentence) for bad input, :class:`NonFiniteLossError` if the loss
     becomes NaN/inf (the last good checkpoint is left intact).
     """
-    from commute.schedule import Constant, FromCallable, Intervention, parse_schedule
-
     out_dir = Path(out_dir)
-    # ---- configuration, resume / branch decision ---------------------------------------------------
-    existing = list_checkpoints(out_dir)
-    resume_ck: Path | None = None
-    resume_state: dict[str, Any] | None = None
-    parent_ck: Path | None = None
-    parent_state: dict[str, Any] | None = None
-    if branch_from is not None:
-        parent_ck = find_checkpoint(branch_from)
-        if out_dir.resolve() == parent_ck.parent.parent.resolve():
-            raise CommuteError("a branch must be written to its own directory, not into its parent's run.")
-    if existing:
-        if not resume:
-            raise CommuteError(f"{str(out_dir)!r} already holds a run (last checkpoint "
-                               f"{existing[-1].name}); resume it, or choose an empty output directory.")
-        resume_ck = find_checkpoint(out_dir)
-        resume_state = _read_state(resume_ck)
-        recorded = (resume_state.get("parent") or {}).get("checkpoint")
-        if parent_ck is not None and recorded != str(parent_ck.resolve()):
-            raise CommuteError(f"{str(out_dir)!r} already holds a run that is not a branch of "
-                               f"{str(parent_ck)!r}; choose an empty output directory for the branch.")
-        parent_ck = None
-    elif parent_ck is not None:
-        parent_state = _read_state(parent_ck)
-    base_state = resume_state or parent_state
-    base_ck = resume_ck or parent_ck
+    origin = _find_origin(out_dir, resume, branch_from)
     if config is None:
-        if base_state is None:
+        if origin.state is None:
             raise CommuteError("train() needs a config (or branch_from= to reuse a checkpoint's config).")
-        config = base_state["config"]
+        config = origin.state["config"]
     cfg = TrainConfig.load(config)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
                                   or max_steps < 0):
         raise CommuteError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
-
-    # ---- data ---------------------------------------------------------------------------------------
-    need_data = batch_source is None or (bool(cfg.domains) and bool(cfg.eval_every) and val_batches is None)
-    if domains is None and need_data:
-        if not cfg.domains:
-            raise CommuteError("the config names no domains; add e.g. domains: {en: 'fortunes:en'}.")
-        from commute.data import load_domains
-
-        domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cfg.cache_dir,
-                               val_fraction=cfg.val_fraction)
-    domains = dict(domains or {})
-    names: list[str] = list(domains) or list(cfg.domains)
-    if cfg.domains and domains and set(cfg.domains) != set(domains):
-        raise CommuteError(f"the given domains {sorted(domains)} differ from the config's "
-                           f"{sorted(cfg.domains)}.")
-
-    # ---- schedule -------------------------------------------------------------------------------------
-    sched_obj: Any = schedule if schedule is not None else cfg.schedule
-    if sched_obj is None:
-        if not names:
-            raise CommuteError("cannot make the default equal-weight schedule without domain names.")
-        sched = Constant({n: 1.0 / len(names) for n in names})
-    else:
-        sched = parse_schedule(sched_obj, domains=names or None)
-    if not names:
-        names = list(sched.domains)
-    if not isinstance(sched, FromCallable):
-        cfg = cfg.replace(schedule=sched.to_dict())
-    if parent_state is not None and isinstance(sched, Intervention) and int(parent_state["step"]) > sched.t0:
-        raise CommuteError(f"the intervention starts at t0={sched.t0} but the branch starts at step "
-                           f"{int(parent_state['step'])}; branch from the checkpoint at step {sched.t0}.")
-
-    # ---- compatibility with the checkpoint we continue from -----------------------------------------
-    if base_state is not None:
-        saved = TrainConfig.from_dict(base_state["config"], where=f"the config of {str(base_ck)!r}")
-        allowed = set(TrainConfig.RUN_FIELDS)
-        if resume_state is None:  # a new branch may change the schedule and optimiser settings
-            allowed |= set(TrainConfig.BRANCH_FIELDS)
-        mine, theirs = cfg.to_dict(), saved.to_dict()
-        if isinstance(sched, FromCallable) or base_state.get("schedule", {}).get("type") == "callable":
-            allowed.add("schedule")
-        diff = [k for k in mine if k not in allowed and mine[k] != theirs[k]]
-        shape = [k for k in ("model", "model_overrides", "vocab_size") if k in diff]
-        if shape:
-            raise CommuteError(f"checkpoint {str(base_ck)!r} holds a different model ("
-                               + "; ".join(f"{k} {theirs[k]!r} there, {mine[k]!r} here" for k in shape)
-                               + "); use the config it was trained with or a new output directory.")
-        if diff:
-            what = "resume" if resume_state is not None else "branch from"
-            raise CommuteError(f"cannot {what} {str(base_ck)!r}: its config differs in "
-                               f"{', '.join(diff)}; use the same settings or a new output directory.")
-        if list(base_state.get("domain_names", names)) != names:
-            raise CommuteError(f"checkpoint {str(base_ck)!r} was trained on domains "
-                               f"{base_state.get('domain_names')}, not {names}.")
-
+    domains = _load_domains(cfg, domains, batch_source, val_batches)
+    sched, cfg, names = _resolve_schedule(cfg, schedule, list(domains) or list(cfg.domains))
+    _check_origin(cfg, sched, names, origin)
     device = _resolve_device(cfg.device)
-    dtype = _DTYPES[cfg.dtype]
-    vocab = cfg.vocab_size or (next(iter(domains.values())).vocab_size if domains else None)
-    if vocab is None:
-        from commute.data import get_tokenizer
-
-        vocab = get_tokenizer(cfg.tokenizer).vocab_size
+    vocab = _vocab_size(cfg, domains)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if cfg.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    metrics: _Metrics | None = None
-    prog = None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            torch.use_deterministic_algorithms(cfg.deterministic)
-            torch.manual_seed(cfg.seed)
-            # ---- model, optimiser, sampler ----------------------------------------------------------
-            model = build_model(cfg.model, vocab_size=int(vocab), dtype=dtype,
-                                attn_implementation=cfg.attn_implementation, **cfg.model_overrides)
-            if cfg.seq_len > model.config.n_positions:
-                raise CommuteError(f"seq_len={cfg.seq_len} exceeds the model's context of "
-                                   f"{model.config.n_positions}; lower seq_len or set "
-                                   "model_overrides.n_positions.")
-            model.to(device)
-            optimizer = _build_optimizer(model, cfg)
-            sampler = None
-            if batch_source is None:
-                from commute.data import MixtureSampler
-
-                sampler = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.sampler_mode)
-            step = 0
-            tokens = dict.fromkeys(names, 0)
-            interval = _Interval(names)
-            parent_info = None
-            last_ck: Path | None = None
-            if base_state is not None:
-                assert base_ck is not None
-                _check_arch(base_ck, base_state["arch"], model)
-                _load_weights(base_ck, model, device)
-                try:
-                    opt_state = torch.load(base_ck / "optimizer.pt", map_location=device, weights_only=True)
-                    optimizer.load_state_dict(opt_state)
-                except Exception as exc:
-                    raise CommuteError(f"cannot restore the optimiser state of checkpoint {str(base_ck)!r} "
-                                       f"({type(exc).__name__}).") from None
-                _apply_hparams(optimizer, cfg)
-                from safetensors.torch import load_file
-
-                _set_rng_state(load_file(str(base_ck / "rng.safetensors")))
-                step = int(base_state["step"])
-                if sampler is not None and base_state.get("sampler") is not None:
-                    sampler.load_state_dict(base_state["sampler"])
-                tokens = {n: int(base_state.get("tokens", {}).get(n, 0)) for n in names}
-                if resume_state is not None:
-                    interval = _Interval(names, base_state.get("interval"))
-                    parent_info = base_state.get("parent")
-                    last_ck = base_ck
-                else:
-                    parent_info = {"checkpoint": str(base_ck.resolve()), "step": step,
-                                   "config_hash": base_state.get("config_hash"),
-                                   "schedule": base_state.get("schedule")}
-            start = step
-            end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-            for leftover in (out_dir / "checkpoints").glob(".tmp-step_*"):
-                shutil.rmtree(leftover, ignore_errors=True)  # a write interrupted by a crash
-            cfg.to_yaml(out_dir / "config.yaml")
-
-            # ---- validation batches, metrics ----------------------------------------------------------
-            if val_batches is None and cfg.eval_every and domains:
-                val_batches = {n: d.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len)
-                               for n, d in domains.items()} if cfg.eval_batches else {}
-            val_batches = dict(val_batches or {})
-            # a resumed run keeps the rows up to its checkpoint (they include its step); a fresh run or a
-            # new branch keeps none from a run that crashed before its first checkpoint
-            metrics = _Metrics(out_dir, names, start if resume_state is not None else start - 1,
-                               cfg.tensorboard)
-            ckpt_steps = set(cfg.ckpt_steps)
-            name_idx = {n: i for i, n in enumerate(names)}
-
-            def state_dict(at: int) -> dict[str, Any]:
-                return {
-                    "format": CKPT_FORMAT,
-                    "step": at,
-                    "config": cfg.to_dict(),
-                    "config_hash": cfg.trajectory_hash(),
-                    "arch": _arch(model),
-                    "n_params": count_parameters(model),
-                    "domain_names": names,
-                    "schedule": sched.to_dict(),
-                    "sampler": sampler.state_dict() if sampler is not None else None,
-                    "tokens": dict(tokens),
-                    "interval": interval.to_dict(),
-                    "parent": parent_info,
-                    "torch": torch.__version__,
-                    "time": time.time(),
-                }
-
-            def checkpoint(at: int) -> Path:
-                p = _save_checkpoint(out_dir, at, model, optimizer, state_dict(at))
-                if cfg.keep_last:
-                    periodic = [c for c in list_checkpoints(out_dir) if int(c.name[5:]) not in ckpt_steps]
-                    for old in periodic[: -cfg.keep_last]:
-                        if old != p:
-                            shutil.rmtree(old, ignore_errors=True)
-                return p
-
-            last_val: dict[str, float] = {}
-            last_val_step: int | None = None
-
-            def do_eval(at: int) -> dict[str, float]:
-                nonlocal last_val, last_val_step
-                if val_batches:
-                    last_val, last_val_step = evaluate(model, val_batches), at
-                return last_val
-
-            if resume_state is None and val_batches:  # fresh run or new branch: evaluate the start point
-                metrics.write({"step": start, **{f"val_loss/{n}": v for n, v in do_eval(start).items()},
-                               **{f"tokens/{n}": tokens[n] for n in names}})
-            if resume_state is None and start in ckpt_steps and start < end:
-                last_ck = checkpoint(start)
-
-            # ---- batches ------------------------------------------------------------------------------
-            src_iter: Iterator[Any] | None = None
-            if batch_source is not None and not callable(batch_source):
-                src_iter = iter(batch_source)
-
-            def next_item(t: int, w: dict[str, float]) -> list[Any]:
-                if sampler is not None:
-                    return [sampler.next_batch(w) for _ in range(cfg.grad_accum)]
-                if src_iter is not None:
-                    try:
-                        return _as_micro_batches(next(src_iter))
-                    except StopIteration:
-                        raise CommuteError(f"the batch source ran out at step {t}.") from None
-                return _as_micro_batches(batch_source(t))  # type: ignore[misc,operator]
-
-            amp = (torch.autocast(device.type, dtype=_DTYPES[cfg.autocast]) if cfg.autocast
-                   else contextlib.nullcontext())
-            losses: dict[int, float] = {}
-            model.train()
-            t_start = time.perf_counter()
-            t_row = t_start
-            tok_row = 0
-            tok_total = 0
-            prog, task = _progress(progress, end, start)
-            prog.start()
-            for t in range(start, end):
-                w = sched(t)
-                lr = lr_at(cfg, t)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                micro = next_item(t, w)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                dom_sum = dict.fromkeys(names, 0.0)
-                dom_n = dict.fromkeys(names, 0)
-                for mb in micro:
-                    ids = getattr(mb, "input_ids", mb)
-                    dom = getattr(mb, "domain", None)
-                    ids = ids.to(device, non_blocking=True)
-                    with amp:
-                        seq = sequence_losses(model, ids)
-                    if cfg.loss_weighting == "domain":
-                        if dom is None:
-                            raise CommuteError("loss_weighting='domain' needs batches with domain ids.")
-                        dom_d = dom.to(device)
-                        parts, wsum = [], 0.0
-                        for n in names:
-                            m = dom_d == name_idx[n]
-                            if w.get(n, 0.0) > 0 and bool(m.any()):
-                                parts.append(w[n] * seq[m].mean())
-                                wsum += w[n]
-                        loss = torch.stack(parts).sum() / wsum
-                    else:
-                        loss = seq.mean()
-                    (loss / len(micro)).backward()
-                    step_loss += float(loss.detach()) / len(micro)
-                    if dom is not None:
-                        sl = seq.detach().double().cpu()
-                        for n in names:
-                            m = dom == name_idx[n]
-                            k = int(m.sum())
-                            if k:
-                                dom_sum[n] += float(sl[m].sum())
-                                dom_n[n] += k
-                                tokens[n] += k * ids.shape[1]
-                    tok_row += ids.numel()
-                    tok_total += ids.numel()
-                if not math.isfinite(step_loss):
-                    good = (f"checkpoint {last_ck.name} is intact" if last_ck
-                            else "no checkpoint was written yet")
-                    raise NonFiniteLossError(f"the training loss became {step_loss} at step {t} (lr={lr:g}); "
-                                             f"{good}; lower the learning rate or check the data.")
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                step = t + 1
-                losses[t] = step_loss
-                interval.loss_sum += step_loss
-                interval.n += 1
-                for n in names:
-                    interval.dom_sum[n] += dom_sum[n]
-                    interval.dom_n[n] += dom_n[n]
-
-                # rows and evaluations depend on the run's steps only (not on where this call stops), so an
-                # interrupted-and-resumed run writes the same rows as an uninterrupted one
-                is_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
-                if step % cfg.log_every == 0 or is_eval or step == cfg.steps:
-                    now = time.perf_counter()
-                    tps = tok_row / max(now - t_row, 1e-9)
-                    t_row, tok_row = now, 0
-                    loss_avg, dom_avg = interval.pop()
-                    val = do_eval(step) if is_eval else {}
-                    metrics.write({"step": step, "lr": lr, "loss": loss_avg,
-                                   **{f"train_loss/{n}": dom_avg[n] for n in names},
-                                   **{f"val_loss/{n}": val.get(n) for n in names},
-                                   **{f"weight/{n}": w.get(n, 0.0) for n in names},
-                                   **{f"tokens/{n}": tokens[n] for n in names},
-                                   "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 3)})
-                    info = f"loss {loss_avg:.3f}" if loss_avg is not None else ""
-                    if last_val:
-                        info += "  val " + " ".join(f"{n} {v:.3f}" for n, v in last_val.items())
-                    info += f"  {tps:,.0f} tok/s"
-                    prog.update(task, info=info)
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in ckpt_steps or step == end:
-                    last_ck = checkpoint(step)
-                prog.update(task, completed=step)
-                for cb in callbacks:  # after logging and checkpointing: callbacks see a settled step
-                    cb(StepInfo(step=step, model=model, optimizer=optimizer, loss=step_loss, weights=w,
-                                domain_losses={n: dom_sum[n] / dom_n[n] for n in names if dom_n[n]}))
-            if end <= start and last_ck is None and base_state is not None and resume_state is None:
-                last_ck = checkpoint(step)  # a branch asked for zero steps: still give it a checkpoint
-            elapsed = time.perf_counter() - t_start
-        finally:
-            if prog is not None:
-                prog.stop()
-            if metrics is not None:
-                metrics.close()
-            torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-    return TrainResult(out_dir=out_dir, step=step, checkpoint=last_ck, losses=losses,
-                       val_losses=dict(last_val), val_step=last_val_step, tokens=dict(tokens),
-                       elapsed=elapsed,
-                       tokens_per_second=tok_total / max(elapsed, 1e-9), metrics_path=out_dir / "metrics.csv")
+    with _deterministic(cfg.deterministic, device):
+        run = _Run(cfg, out_dir, names, sched, domains, batch_source, device, vocab)
+        if origin.state is not None:
+            run.restore(origin)
+        start, end = run.step, cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        remove_partial_checkpoints(out_dir)  # a write interrupted by a crash
+        cfg.to_yaml(out_dir / "config.yaml")
+        run.val_batches = _validation_batches(cfg, domains, val_batches)
+        # a resumed run keeps the rows up to its checkpoint (they include its step); a fresh run or a new
+        # branch keeps none from a run that crashed before its first checkpoint
+        with Metrics(out_dir, names, start if origin.resume else start - 1, cfg.tensorboard) as run.metrics:
+            run.begin(origin, end)
+            amp = DTYPES[cfg.autocast] if cfg.autocast else None
+            with Progress("train", end, enabled=progress, completed=start) as prog:
+                for t in range(start, end):
+                    w, lr = sched(t), lr_at(cfg, t)
+                    res = train_step(run.model, run.optimizer, run.micro_batches(t, w), w, names, lr=lr,
+                                     loss_weighting=cfg.loss_weighting, grad_clip=cfg.grad_clip,
+                                     autocast=amp, step=t, last_checkpoint=run.last_ck)
+                    run.after_step(t, lr, w, res, prog)
+                    prog.update(run.step)
+                    for cb in callbacks:  # after logging and checkpointing: callbacks see a settled step
+                        cb(StepInfo(step=run.step, model=run.model, optimizer=run.optimizer, loss=res.loss,
+                                    weights=w, domain_losses=res.domain_losses))
+            if end <= start and run.last_ck is None and origin.branch:
+                run.checkpoint(run.step)  # a branch asked for zero steps: still give it a checkpoint
+            elapsed = time.perf_counter() - run.t_start
+    return run.result(elapsed)

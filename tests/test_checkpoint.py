@@ -1,0 +1,68 @@
+"""commute.checkpoint on its own: save/load round trip, RNG restore, pruning, leftovers, re-exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import commute.checkpoint as C
+import commute.train as T
+from commute.errors import CommuteError
+from commute.model import build_model
+from commute.train_config import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OVERRIDES = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}
+
+
+def saved_run(tmp_path, steps=(1,)):
+    cfg = TrainConfig(model="tiny", model_overrides=OVERRIDES, vocab_size=32, optimizer="adam")
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=32, **OVERRIDES)
+    opt = T._build_optimizer(model, cfg)
+    loss = model(input_ids=torch.randint(0, 32, (2, 8)), labels=None).logits.square().mean()
+    loss.backward()
+    opt.step()
+    paths = []
+    for s in steps:
+        state = {"format": C.CKPT_FORMAT, "step": s, "config": cfg.to_dict(), "arch": C.model_arch(model)}
+        paths.append(C.save_checkpoint(tmp_path, s, model, opt, state))
+    return model, opt, paths
+
+
+def test_round_trip_restores_weights_optimiser_and_rng(tmp_path) -> None:
+    torch.manual_seed(123)
+    model, opt, (path,) = saved_run(tmp_path)
+    after_save = torch.rand(5)  # the draw that follows the saved RNG state
+    ck = C.load_checkpoint(tmp_path, with_optimizer=True)
+    assert ck.path == path == C.find_checkpoint(tmp_path) and ck.step == 1
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001\n"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ck.model.state_dict().values(),
+                                                  strict=True))
+    assert ck.optimizer_state["param_groups"] == opt.state_dict()["param_groups"]
+    assert set(ck.state["files"]) == set(C.CKPT_FILES)
+    C.restore_rng_state(path)
+    assert torch.equal(torch.rand(5), after_save)
+    with pytest.raises(CommuteError, match="different model"):
+        C.check_arch(path, ck.state["arch"], build_model("tiny", vocab_size=32, **{**OVERRIDES, "n_embd": 8}))
+
+
+def test_prune_keeps_the_newest_and_the_named_steps_and_leftovers_are_removed(tmp_path) -> None:
+    _, _, paths = saved_run(tmp_path, steps=(2, 3, 4, 6))
+    C.prune_checkpoints(tmp_path, 0, [], current=paths[-1])  # 0 keeps all
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == [p.name for p in paths]
+    C.prune_checkpoints(tmp_path, 1, [3], current=paths[-1])
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
+    junk = tmp_path / "checkpoints" / ".tmp-step_00000008-x"
+    junk.mkdir()
+    C.remove_partial_checkpoints(tmp_path)
+    assert not junk.exists() and len(C.list_checkpoints(tmp_path)) == 2
+
+
+def test_names_are_importable_from_commute_train_as_before() -> None:
+    for name in ("load_checkpoint", "find_checkpoint", "list_checkpoints", "Checkpoint", "CKPT_FORMAT"):
+        assert getattr(T, name) is getattr(C, name), name
+    assert T.TrainConfig is TrainConfig
+    for name in T.__all__:
+        assert hasattr(T, name), name
