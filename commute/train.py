@@ -513,7 +513,8 @@ class _Run:
         if batch_source is None:
             from commute.data import MixtureSampler
 
-            self.sampler = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.sampler_mode)
+            seed = cfg.seed if cfg.sampler_seed is None else cfg.sampler_seed
+            self.sampler = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, seed, cfg.sampler_mode)
         self.batch_source = batch_source
         self.source_iter: Iterator[Any] | None = None
         self.step = 0
@@ -548,7 +549,10 @@ class _Run:
         restore_rng_state(ck)
         self.step = int(state["step"])
         if self.sampler is not None and state.get("sampler") is not None:
-            self.sampler.load_state_dict(state["sampler"])
+            saved = dict(state["sampler"])
+            if not origin.resume:  # a branch continues the parent's position under its own sampler seed
+                saved["seed"] = self.sampler.seed
+            self.sampler.load_state_dict(saved)
         self.tokens = {n: int(state.get("tokens", {}).get(n, 0)) for n in self.names}
         if origin.resume:
             self.interval = Interval(self.names, state.get("interval"))

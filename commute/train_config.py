@@ -74,6 +74,8 @@ class TrainConfig:
     grad_clip: float = _f(0.0, "Clip the global gradient norm to this value; 0 = off.")
     steps: int = _f(300, "Total optimiser steps of the run.")
     seed: int = _f(0, "Seed of the initialisation, the sampler's streams and torch's RNG.")
+    sampler_seed: int | None = _f(None, "Seed of the sampler's streams from this run's first step on; null = "
+                                  "seed. A branch may set its own: a replicate of its window.")
     # evaluation, logging, checkpoints
     eval_every: int = _f(50, "Evaluate validation loss every N steps (and at start and end); 0 = never.")
     eval_batches: int = _f(4, "Fixed validation batches per domain (batch_size sequences each).")
@@ -94,7 +96,7 @@ class TrainConfig:
     # fields a branch may change (on top of RUN_FIELDS)
     BRANCH_FIELDS = ("schedule", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "betas", "eps",
                      "momentum", "weight_decay", "grad_clip", "loss_weighting", "attn_implementation",
-                     "autocast", "deterministic")
+                     "autocast", "deterministic", "sampler_seed")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +120,8 @@ class TrainConfig:
         for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "ckpt_every", "keep_last",
                      "seed"):
             pos_int(name, 0)
+        if self.sampler_seed is not None:
+            pos_int("sampler_seed", 0)
         pos_int("log_every", 1)
         need(self.optimizer in _OPTIMIZERS,
              f"config field optimizer must be one of {', '.join(_OPTIMIZERS)}, got {self.optimizer!r}.")
@@ -223,6 +227,8 @@ class TrainConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def trajectory_hash(self) -> str:
-        """sha256 over the fields that determine the trajectory (all but :attr:`RUN_FIELDS`)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.RUN_FIELDS}
+        """sha256 over the fields that determine the trajectory (all but :attr:`RUN_FIELDS`; an unset
+        ``sampler_seed`` is left out, so runs made before that field existed keep their hash)."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in self.RUN_FIELDS and not (k == "sampler_seed" and v is None)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

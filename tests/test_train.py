@@ -520,3 +520,49 @@ def test_result_says_when_its_validation_loss_was_measured(tmp_path, corpora, ca
     assert res.step == 6 and res.val_step == 4  # evaluated at 0 and 4, not at the early stop
     again = train(cfg, tmp_path / "run", domains=domains, max_steps=6, progress=False)
     assert again.val_step is None and again.val_losses == {}
+
+
+def test_branch_with_its_own_sampler_seed_is_a_replicate_of_the_window(tmp_path, corpora, cache,
+                                                                        domains) -> None:
+    """sampler_seed: a branch keeps the parent's position (step, counters, exact-mode residual) but draws
+    its window from fresh streams; a replay by hand agrees bit for bit, and it resumes exactly."""
+    from commute.data import MixtureSampler
+    from commute.model import lm_loss
+
+    lr = 0.1
+    cfg = make_cfg(corpora, cache, steps=8, optimizer="sgd", lr=lr, ckpt_steps=[3], sampler_mode="exact")
+    parent = tmp_path / "parent"
+    full = train(cfg, parent, domains=domains, progress=False)
+    ck3 = parent / "checkpoints" / "step_00000003"
+    rep = train(cfg.replace(sampler_seed=11), tmp_path / "rep", branch_from=ck3, domains=domains,
+                progress=False)
+    assert {t: v for t, v in rep.losses.items()} != {t: v for t, v in full.losses.items() if t >= 3}
+
+    start = load_checkpoint(ck3)
+    model = start.model.train()
+    sampler = MixtureSampler(domains, cfg.batch_size, cfg.seq_len, 11, cfg.sampler_mode)
+    sampler.load_state_dict({**start.state["sampler"], "seed": 11})
+    for t in range(3, 8):
+        batch = sampler.next_batch({"a": 0.5, "b": 0.5})
+        loss = lm_loss(model, batch.input_ids)
+        assert float(loss.detach()) == rep.losses[t]
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.add_(g, alpha=-lr)
+    got = params(tmp_path / "rep")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    # equal token totals per domain to the parent's own window (exact sampler, same weights)
+    assert load_checkpoint(tmp_path / "rep").state["tokens"] == load_checkpoint(parent).state["tokens"]
+
+    split = tmp_path / "split"
+    train(cfg.replace(sampler_seed=11), split, branch_from=ck3, domains=domains, max_steps=5, progress=False)
+    again = train(cfg.replace(sampler_seed=11), split, branch_from=ck3, domains=domains, progress=False)
+    assert again.losses == {t: v for t, v in rep.losses.items() if t >= 5}
+    b = params(split)
+    assert all(torch.equal(got[k], b[k]) for k in got)
+    # a config without sampler_seed keeps its trajectory hash (runs made before the field existed resume)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUN_FIELDS and k != "sampler_seed"}
+    assert cfg.trajectory_hash() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.trajectory_hash() != cfg.replace(sampler_seed=11).trajectory_hash()
