@@ -378,29 +378,27 @@ def test_small_step_limit_is_the_bracket() -> None:
 # --------------------------------------------------------------------------------------------------
 # 4. cost and memory
 # --------------------------------------------------------------------------------------------------
+class _Held:
+    def __init__(self, live: _Live, t: torch.Tensor) -> None:
+        self.live, self.t = live, t.detach()
+        live.now += 1
+        live.peak = max(live.peak, live.now)
+
+    def __del__(self) -> None:
+        self.live.now -= 1
+
+
 class _Live:
-    """Counts the tensors autograd graphs hold (saved for backward) alive at once."""
+    """Counts the tensors autograd graphs hold (saved for backward) alive at once. It holds a detached alias
+    (autograd re-attaches the graph when unpacking): a reference to a saved *output* itself (also through a
+    closure) would make a cycle through its grad_fn, freed only by the garbage collector, at random times."""
 
     def __init__(self) -> None:
         self.now = self.peak = 0
 
-    def pack(self, t: torch.Tensor) -> object:
-        live = self
-
-        class Held:
-            def __init__(self) -> None:
-                self.t = t
-                live.now += 1
-                live.peak = max(live.peak, live.now)
-
-            def __del__(self) -> None:
-                live.now -= 1
-
-        return Held()
-
     def run(self, fn) -> int:
         self.now = self.peak = 0
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda held: held.t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t):
             fn()
         assert self.now == 0
         return self.peak

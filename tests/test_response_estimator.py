@@ -1,0 +1,628 @@
+"""ResponseEstimator (the schedule gradient on noisy runs, docs/design.md §1b) against independent truth.
+
+* Full-batch limit: streams that always yield the whole data and training batches whose loss is the exact
+  mixture give :func:`schedule_response`'s exact G (GD, SGD, Adam, AdamW; a tanh MLP and a tiny GPT-2 with
+  tied embeddings), and G0 equals the first-order alignment computed directly from the trajectory.
+* Noisy linear regression (population g_k = S_k (theta - beta_k), H_k = S_k in closed form): over many
+  repeats with fresh training batches and fresh streams, the mean estimate equals the population answer
+  given the trajectory (GD: closed-form adjoint; Adam: adjoint through torch.func.vjp of optimizer_step),
+  and the stderr is calibrated.
+* Cost: one graph per domain per step per group, the HVPs on it, nothing spanning two steps.
+* Replay: the replayed theta_end equals real torch.optim runs (SGD, Adam, AdamW; states and settings read
+  from the live optimiser or its state dict) and commute.train.train_step on a GPT-2 with a MixtureSampler.
+* JSON round trip, predictions, and one-sentence errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import t as student_t
+from torch import nn
+
+from commute.errors import CommuteError
+from commute.response import (
+    OptimizerState,
+    ResponseEstimator,
+    ResponseReport,
+    intervention_delta,
+    optimizer_settings,
+    optimizer_step,
+    schedule_response,
+)
+from commute.schedule import Intervention
+
+DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------------------------------
+# a tanh MLP on three fixed classification domains
+# --------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, d: int = 4, h: int = 6, c: int = 3) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(d, h)
+        self.l2 = nn.Linear(h, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def ce(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def mixture_loss(model: nn.Module, batch) -> torch.Tensor:
+    """A training batch that is every domain's full data with the step's weights: sum_k w_k L_k exactly."""
+    w, data = batch
+    return sum(w[k] * ce(model, data[k]) for k in data)
+
+
+def mlp_problem(seed: int = 0, n: int = 16):
+    torch.manual_seed(seed)
+    model = MLP().to(DT)
+    gen = torch.Generator().manual_seed(seed)
+    data = {}
+    for k in "abc":
+        x = torch.randn(n, 4, generator=gen, dtype=DT) + torch.randn(4, generator=gen, dtype=DT)
+        y = (x @ (2 * torch.randn(4, 3, generator=gen, dtype=DT))).argmax(1)
+        data[k] = (x, y)
+    return model, data
+
+
+def random_weights(steps: int, domains: str, seed: int = 1) -> list[dict[str, float]]:
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.rand(steps, len(domains), generator=gen, dtype=DT) + 0.2
+    raw = raw / raw.sum(1, keepdim=True)
+    return [{d: float(x) for d, x in zip(domains, row, strict=True)} for row in raw]
+
+
+def functional_losses(model: nn.Module, data, loss=ce):
+    return {k: (lambda q, b=b: loss(lambda x: torch.func.functional_call(model, q, (x,)), b))
+            for k, b in data.items()}
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    return float((a - b).norm() / b.norm())
+
+
+def direct_G0(losses, target, params, weights, lrs, name, state, kw):
+    """G0_k(t) = <(dU_t/dg)^T (grad L(theta_end), 0, 0), g_k(theta_t)> on the exact trajectory, written out
+    with optimizer_step and torch.func.vjp."""
+    traj, p, s = [], params, state or OptimizerState()
+    for w, lr in zip(weights, lrs, strict=True):
+        q = {k: x.detach().requires_grad_(True) for k, x in p.items()}
+        g = dict(zip(q, torch.autograd.grad(sum(w[d] * f(q) for d, f in losses.items()), list(q.values())),
+                     strict=True))
+        traj.append((p, s, g))
+        p, s = optimizer_step(p, g, s, lr, name, **kw)
+    q = {k: x.detach().requires_grad_(True) for k, x in p.items()}
+    lam = dict(zip(q, torch.autograd.grad(target(q), list(q.values())), strict=True))
+    out = {d: [] for d in losses}
+    for (p, s, g), lr in zip(traj, lrs, strict=True):
+        _, vjp = torch.func.vjp(lambda gg, p=p, s=s, lr=lr: optimizer_step(p, gg, s, lr, name, **kw)[0], g)
+        (a_g,) = vjp(lam)
+        for d, f in losses.items():
+            q = {k: x.detach().requires_grad_(True) for k, x in p.items()}
+            gk = torch.autograd.grad(f(q), list(q.values()))
+            out[d].append(float(sum((a_g[k] * x).sum() for k, x in zip(q, gk, strict=True))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. the full-batch limit is schedule_response
+# --------------------------------------------------------------------------------------------------
+FULL = [
+    ("gd", {}, 0.5, False),
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.05}, 0.1, True),
+    ("adam", {"eps": 1e-3, "weight_decay": 0.1}, 0.01, False),
+    ("adamw", {"betas": (0.8, 0.99)}, 0.01, True),
+]
+
+
+@pytest.mark.parametrize("case", FULL, ids=[f"{c[0]}-{'warm' if c[3] else 'fresh'}" for c in FULL])
+def test_full_batch_limit_is_the_exact_response(case) -> None:
+    name, kw, lr0, warm = case
+    model, data = mlp_problem()
+    losses = functional_losses(model, data)
+    n = 8
+    weights = random_weights(n, "abc")
+    lrs = [lr0 * (1 + 0.05 * t) for t in range(n)]
+    state = None
+    if warm:  # 4 real torch steps; the estimator reads the live optimiser (state and settings)
+        opt = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name](model.parameters(), lr=lr0, **kw)
+        for _ in range(4):
+            opt.zero_grad()
+            mixture_loss(model, ({k: 1 / 3 for k in data}, data)).backward()
+            opt.step()
+        state = OptimizerState.from_torch(opt, dict(model.named_parameters()))
+        for p in model.parameters():
+            p.grad = None
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    targets = {"a": {"a": 1.0}, "mix": {"a": 0.5, "b": 0.3, "c": 0.2}}
+    est = ResponseEstimator(model, ce, {k: itertools.repeat(b) for k, b in data.items()}, lr=lrs,
+                            state=opt if warm else None, optimizer=None if warm else name,
+                            train_loss_fn=mixture_loss, **({} if warm else kw))
+    assert est.optimizer == name
+    rep = est.estimate([(w, data) for w in weights], weights, targets, n_groups=3)
+    for tname, c in targets.items():
+        target = lambda q, c=c: sum(x * losses[d](q) for d, x in c.items())  # noqa: E731
+        ref = schedule_response(losses, params, weights, lrs, target, name, state, **kw)
+        g0 = direct_G0(losses, target, params, weights, lrs, name, state, kw)
+        for d in data:
+            assert rel(rep.G(tname)[d], ref.G[d]) <= 1e-10, (tname, d)
+            assert rel(rep.G0(tname)[d], g0[d]) <= 1e-10, (tname, d)
+            assert np.all(rep.stderr(tname)[d] <= 1e-12 * np.abs(rep.G(tname)[d]).max())
+        assert rep.loss(tname).mean == pytest.approx(ref.loss, rel=1e-12)
+        # G0 is a different quantity: curvature and the optimiser's carry-over matter over 8 steps
+        assert rel(rep.G0(tname)["a"], ref.G["a"]) > 0.05
+
+
+@pytest.mark.parametrize("name", ["gd", "adam"])
+def test_full_batch_limit_gpt2_tied_embeddings(name: str) -> None:
+    from commute.curvature import domain_losses, model_params
+    from commute.model import build_model, lm_loss
+
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_positions=16, dtype=DT)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    gen = torch.Generator().manual_seed(0)
+    data = {"en": torch.randint(0, 16, (4, 12), generator=gen),
+            "ru": torch.randint(12, 32, (4, 12), generator=gen)}
+    weights = [{"en": 0.7, "ru": 0.3}, {"en": 0.5, "ru": 0.5}, {"en": 0.2, "ru": 0.8}]
+    kw, lr = ({}, 0.5) if name == "gd" else ({"eps": 1e-3}, 0.01)
+
+    def train_loss(m, batch):
+        w, d = batch
+        return sum(w[k] * lm_loss(m, d[k]) for k in d)
+
+    est = ResponseEstimator(model, lm_loss, {k: itertools.repeat(b) for k, b in data.items()}, lr=lr,
+                            optimizer=name, train_loss_fn=train_loss, **kw)
+    assert "lm_head.weight" not in est.names and "transformer.wte.weight" in est.names
+    rep = est.estimate([(w, data) for w in weights], weights, ["ru"], n_groups=2)
+    losses = domain_losses(model, {k: [b] for k, b in data.items()})
+    ref = schedule_response(losses, model_params(model), weights, lr, "ru", name, **kw)
+    for d in data:
+        assert rel(rep.G("ru")[d], ref.G[d]) <= 1e-10, d
+    assert model.training  # modes restored
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. unbiased and calibrated on noisy linear regression
+# --------------------------------------------------------------------------------------------------
+class Regression:
+    """K regression domains: x ~ N(0, S_k), y = x . beta_k + noise; L_k = (theta - beta_k)^T S_k
+    (theta - beta_k) / 2 + const, g_k = S_k (theta - beta_k), H_k = S_k."""
+
+    def __init__(self, K: int = 3, d: int = 4, noise: float = 1.0, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.names = "abc"[:K]
+        self.d, self.noise = d, noise
+        self.chol = [torch.randn(d, d, dtype=DT, generator=g) / d**0.5 + 0.5 * torch.eye(d, dtype=DT)
+                     for _ in range(K)]
+        self.S = [c @ c.T for c in self.chol]
+        self.beta = [torch.randn(d, dtype=DT, generator=g) for _ in range(K)]
+        self.model = nn.Linear(d, 1, bias=False).to(DT)
+        with torch.no_grad():
+            self.model.weight.copy_(torch.randn(1, d, dtype=DT, generator=g))
+        self.theta0 = self.model.weight.detach().reshape(-1).clone()
+
+    def sample(self, k: int, n: int, gen: torch.Generator):
+        X = torch.randn(n, self.d, dtype=DT, generator=gen) @ self.chol[k].T
+        return X, X @ self.beta[k] + self.noise * torch.randn(n, dtype=DT, generator=gen)
+
+    def streams(self, n: int, gen: torch.Generator):
+        def stream(k):
+            while True:
+                yield self.sample(k, n, gen)
+
+        return {d: stream(k) for k, d in enumerate(self.names)}
+
+    def train_batch(self, w: dict[str, float], n: int, gen: torch.Generator):
+        """Sampling paradigm: each example's domain ~ w."""
+        p = torch.tensor([w[d] for d in self.names], dtype=DT)
+        counts = torch.bincount(torch.multinomial(p, n, replacement=True, generator=gen), minlength=len(p))
+        parts = [self.sample(k, int(c), gen) for k, c in enumerate(counts) if c > 0]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    @staticmethod
+    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+        X, y = batch
+        return 0.5 * ((model(X).squeeze(-1) - y) ** 2).mean()
+
+    def pop_grad(self, k: int, theta: torch.Tensor) -> torch.Tensor:
+        return self.S[k] @ (theta - self.beta[k])
+
+
+def regression_truth(prob: Regression, batches, weights, lrs, c, name="gd", kw=None):
+    """Population G and G0 given the trajectory of the training batches, written out independently: the
+    trajectory by plain GD / optimizer_step on the batch gradient X^T (X theta - y) / B, the adjoint with the
+    closed-form H_mix = sum_k w_k S_k and g_k."""
+    kw = kw or {}
+    K, n = len(prob.names), len(weights)
+    theta, state, traj = prob.theta0.clone(), OptimizerState(), []
+    for (X, y), lr in zip(batches, lrs, strict=True):
+        g = X.T @ (X @ theta - y) / len(y)
+        traj.append((theta, state, g))
+        if name == "gd":
+            theta = theta - lr * g
+        else:
+            theta, state = optimizer_step(theta, g, state, lr, name, **kw)
+    lam_end = sum(ck * prob.pop_grad(k, theta) for k, ck in enumerate(c))
+    G, G0 = np.zeros((K, n)), np.zeros((K, n))
+    lam = (lam_end, torch.zeros_like(theta), torch.zeros_like(theta))
+    for t in range(n - 1, -1, -1):
+        th, st, g = traj[t]
+        H = sum(weights[t][d] * prob.S[k] for k, d in enumerate(prob.names))
+        gks = [prob.pop_grad(k, th) for k in range(K)]
+        if name == "gd":
+            a = (lam[0], None, None, -lrs[t] * lam[0])
+            a0 = -lrs[t] * lam_end
+        else:
+            m = st.m if st.m is not None else torch.zeros_like(th)
+            v = st.v if st.v is not None else torch.zeros_like(th)
+
+            def U(p, m, v, g, st=st, t=t):
+                p2, s2 = optimizer_step(p, g, OptimizerState(st.step, m, v), lrs[t], name, **kw)
+                return p2, s2.m, s2.v
+
+            _, vjp = torch.func.vjp(U, th, m, v, g)
+            a = vjp(lam)
+            a0 = vjp((lam_end, torch.zeros_like(th), torch.zeros_like(th)))[3]
+        for k in range(K):
+            G[k, t] = float(a[3] @ gks[k])
+            G0[k, t] = float(a0 @ gks[k])
+        lam = (a[0] + H @ a[3], a[1], a[2])
+    return G, G0
+
+
+def _calibration(name: str, kw: dict, repeats: int, n: int, lr: float, G: int, seed: int):
+    prob = Regression(K=3, noise=1.0, seed=seed)
+    weights = random_weights(n, prob.names, seed=seed + 1)
+    lrs = [lr] * n
+    targets = {"a": {"a": 1.0}, "mix": {d: 1 / 3 for d in prob.names}}
+    gen = torch.Generator().manual_seed(seed + 2)
+    dw = {d: torch.randn(n, generator=gen, dtype=DT).numpy() for d in prob.names}
+    est = ResponseEstimator(prob.model, prob.loss_fn, prob.streams(8, gen), lr=lr, optimizer=name, **kw)
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for _ in range(repeats):
+        batches = [prob.train_batch(w, 16, gen) for w in weights]
+        rep = est.estimate(batches, weights, targets, n_groups=G)
+        for tname, c in targets.items():
+            truth, truth0 = regression_truth(prob, batches, weights, lrs, [c.get(d, 0.0) for d in prob.names],
+                                             name, kw)
+            dwm = np.stack([dw[d] for d in prob.names])
+            checks = {
+                f"predict {tname}": (rep.predict(tname, dw), float((truth * dwm).sum())),
+                f"alignment {tname}": (rep.predict_alignment(tname, dw), float((truth0 * dwm).sum())),
+                f"G_b(t=2) {tname}": (rep.at(tname, "b", 2), float(truth[1, 2])),
+                f"G_c(t=n-1) {tname}": (rep.at(tname, "c", n - 1), float(truth[2, n - 1])),
+            }
+            for key, (e, tr) in checks.items():
+                rows.setdefault(key, []).append((e.mean, e.stderr, tr))
+    return rows
+
+
+def _check_calibration(rows, G: int, lo: float, hi: float) -> dict[str, tuple[float, float]]:
+    expected = 2 * student_t.cdf(2.0, G - 1) - 1
+    out, pooled = {}, []
+    for key, vals in rows.items():
+        a = np.array(vals)
+        err = a[:, 0] - a[:, 2]  # estimate - population truth (the truth differs per repeat: its trajectory)
+        se = err.std(ddof=1) / math.sqrt(len(err))
+        assert abs(err.mean()) < 3 * se, (key, err.mean(), se)
+        coverage = float(np.mean(np.abs(err / a[:, 1]) < 2))
+        assert lo <= coverage <= hi, (key, coverage, expected)
+        # the signal is not buried in the noise of the mean
+        assert np.abs(a[:, 2]).mean() > 3 * se, (key, np.abs(a[:, 2]).mean(), se)
+        out[key] = (float(err.mean() / se), coverage)
+        pooled.append(coverage)
+    assert abs(np.mean(pooled) - expected) < 0.04, (np.mean(pooled), expected)
+    return out
+
+
+def test_gd_unbiased_and_calibrated_on_noisy_regression() -> None:
+    """150 repeats, each with fresh training batches (so a fresh trajectory and truth) and fresh streams;
+    8 groups (t_7: P(|t| < 2) = 0.91)."""
+    rows = _calibration("gd", {}, repeats=150, n=6, lr=0.15, G=8, seed=0)
+    _check_calibration(rows, G=8, lo=0.84, hi=0.97)
+
+
+def test_adam_unbiased_and_calibrated_on_noisy_regression() -> None:
+    """Adam's Jacobian is taken at the actual training gradient, so G stays multilinear in the fresh
+    batches: unbiased for the population adjoint through Adam along the trajectory."""
+    rows = _calibration("adam", {"eps": 1e-2, "betas": (0.8, 0.95)}, repeats=100, n=5, lr=0.05, G=8, seed=1)
+    _check_calibration(rows, G=8, lo=0.82, hi=0.98)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. cost: one graph per domain per step per group, nothing across steps
+# --------------------------------------------------------------------------------------------------
+class _Held:
+    def __init__(self, live: _Live, t: torch.Tensor) -> None:
+        self.live, self.t = live, t.detach()
+        live.now += 1
+        live.peak = max(live.peak, live.now)
+
+    def __del__(self) -> None:
+        self.live.now -= 1
+
+
+class _Live:
+    """Counts the tensors autograd graphs hold (saved for backward) alive at once. It holds a detached alias
+    (autograd re-attaches the graph when unpacking): a reference to a saved *output* itself would make a
+    cycle through its grad_fn, freed only by the garbage collector, at random times."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def run(self, fn) -> int:
+        self.now = self.peak = 0
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t):
+            fn()
+        assert self.now == 0
+        return self.peak
+
+
+@pytest.mark.parametrize("name", ["gd", "adam"])
+def test_one_graph_per_domain_per_step_per_group(name: str, monkeypatch) -> None:
+    model, data = mlp_problem()
+    calls: list[str] = []
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, **kw):
+        calls.append("graph" if create_graph else "vjp" if grad_outputs is not None else "grad")
+        return real_grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                         create_graph=create_graph, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    gen = torch.Generator().manual_seed(0)
+    streams = {k: (x + 0.1 * torch.randn(x.shape, generator=gen, dtype=DT), y) for k, (x, y) in data.items()}
+    kw = {"eps": 1e-3} if name == "adam" else {}
+    est = ResponseEstimator(model, ce, {k: itertools.repeat(b) for k, b in streams.items()}, lr=0.05,
+                            optimizer=name, **kw)
+    live = _Live()
+    peaks = {}
+    G, b, bt = 2, 2, 3
+    for n in (3, 9):
+        weights = [{"a": 0.5, "b": 0.5}] * n  # domain c has weight 0: no graph, no HVP for it
+        targets = {"a": {"a": 1.0}, "mix": {"a": 0.5, "b": 0.5}}
+        calls.clear()
+        out = {}
+
+        def call(n=n, weights=weights, targets=targets, out=out) -> None:
+            out["r"] = est.estimate([data["a"]] * n, weights, targets, n_groups=G, batches_per_step=b,
+                                    target_batches=bt)
+
+        peaks[n] = live.run(call)
+        rep, M = out["r"], 2
+        graphs = G * b * 2 * (n - 1)  # domains a, b at steps 1..n-1 (lambda_0 is never needed)
+        assert calls.count("graph") == rep.n_graph == graphs
+        # plain gradients: the replay, the target batches (domains a, b), step 0 and domain c everywhere
+        assert calls.count("grad") == rep.n_grad == n + G * bt * 2 + G * b * (2 + n)
+        # HVPs: M per graph; VJPs of U_t: 2M per step per group
+        assert rep.n_hvp == M * graphs and rep.n_vjp == 2 * M * G * n
+        assert calls.count("vjp") == rep.n_hvp + rep.n_vjp
+        assert np.all(rep.g_groups[:, :, 2, 1:] != 0)  # G of the weight-0 domain is still estimated
+    assert peaks[9] == peaks[3] > 0, peaks  # autograd memory does not grow with the window
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. the replay is the run
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("source", ["optimizer", "state_dict"])
+def test_replay_equals_torch_optimizer(name: str, source: str) -> None:
+    """A warm torch optimiser with per-group weight decay (matrices / the rest, as commute.train builds it);
+    the estimator reads its state and settings, then replays a window on the same random batches."""
+    model, _ = mlp_problem()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(10, 4, generator=gen, dtype=DT), torch.randint(0, 3, (10,), generator=gen))
+               for _ in range(12)]
+    mats = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": mats, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    cls, kw = {"sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+               "adam": (torch.optim.Adam, {"betas": (0.85, 0.99)}),
+               "adamw": (torch.optim.AdamW, {"eps": 1e-6})}[name]
+    lrs = [0.05 * (1 - 0.03 * t) for t in range(12)]
+    opt = cls(groups, lr=lrs[0], **kw)
+
+    def train(steps) -> None:
+        for t in steps:
+            for g in opt.param_groups:
+                g["lr"] = lrs[t]
+            opt.zero_grad()
+            ce(model, batches[t]).backward()
+            opt.step()
+
+    train(range(4))  # warm up; the checkpoint is here (start = 4)
+    names = [[n for n, p in model.named_parameters() if p.dim() >= 2],
+             [n for n, p in model.named_parameters() if p.dim() < 2]]
+    if source == "optimizer":
+        state: object = opt
+        extra = {}
+    else:
+        state, extra = opt.state_dict(), {"state_names": names}
+    assert optimizer_settings(opt, dict(model.named_parameters()))[1]["weight_decay"] == {
+        "l1.weight": 0.1, "l2.weight": 0.1, "l1.bias": 0.0, "l2.bias": 0.0}
+    est = ResponseEstimator(model, ce, {"x": itertools.repeat(batches[0])}, lr=lambda s: lrs[s], state=state,
+                            **extra)
+    assert est.optimizer == name
+    for p in model.parameters():
+        p.grad = None
+    res = est.replay(lambda s: batches[s], 8, start=4)
+    train(range(4, 12))
+    got = OptimizerState.from_torch(opt, dict(model.named_parameters()))
+    for k, p in model.named_parameters():
+        assert rel(res.params[k], p.detach()) <= 1e-12, k
+        assert rel(res.state.m[k], got.m[k]) <= 1e-12, k
+        if name != "sgd":
+            assert rel(res.state.v[k], got.v[k]) <= 1e-12, k
+    assert res.state.step == got.step or name == "sgd"
+    assert len(res.losses) == 8
+
+
+def test_replay_equals_commute_training_on_gpt2() -> None:
+    """The window's batches from a MixtureSampler restored from a checkpoint state, commute.train.train_step
+    with AdamW in param_group_names groups: the replay reproduces theta_end."""
+    from commute.data import MixtureSampler, TokenizedDomain
+    from commute.model import build_model, lm_loss
+    from commute.train import param_group_names, train_step
+
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_positions=16, dtype=DT)
+    rng = np.random.default_rng(0)
+    domains = {n: TokenizedDomain(n, rng.integers(lo, lo + 16, 400).astype(np.int64),
+                                  rng.integers(lo, lo + 16, 50).astype(np.int64))
+               for n, lo in (("en", 0), ("ru", 16))}
+    named = dict(model.named_parameters())
+    groups = [{"params": [named[n] for n in names], "weight_decay": wd}
+              for names, wd in zip(param_group_names(model), (0.1, 0.0), strict=True)]
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sampler = MixtureSampler(domains, batch_size=4, seq_len=12, seed=7)
+    schedule = lambda s: {"en": 0.5 + 0.04 * (s % 5), "ru": 0.5 - 0.04 * (s % 5)}  # noqa: E731
+    lr = lambda s: 1e-3 * (1 + 0.1 * s)  # noqa: E731
+    for s in range(3):
+        train_step(model, opt, [sampler.next_batch(schedule(s))], schedule(s), ["en", "ru"], lr=lr(s))
+    ckpt_state, ckpt_sampler = opt.state_dict(), sampler.state_dict()  # the checkpoint at step 3
+    for p in model.parameters():
+        p.grad = None
+    restored = MixtureSampler(domains, batch_size=4, seq_len=12, seed=7)
+    restored.load_state_dict(ckpt_sampler)
+    est = ResponseEstimator(model, lm_loss, {"en": iter([]), "ru": iter([])}, lr=lr, state=ckpt_state,
+                            state_names=param_group_names(model))
+    res = est.replay(lambda s: restored.next_batch(schedule(s)), 4, start=3)
+    for s in range(3, 7):
+        train_step(model, opt, [sampler.next_batch(schedule(s))], schedule(s), ["en", "ru"], lr=lr(s))
+    for k, p in model.named_parameters():
+        assert rel(res.params[k], p.detach()) <= 1e-12, k
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. report, predictions, errors
+# --------------------------------------------------------------------------------------------------
+def _small_report(n: int = 6) -> tuple[ResponseReport, Regression]:
+    prob = Regression(K=2, seed=5)
+    gen = torch.Generator().manual_seed(0)
+    weights = [{"a": 0.5, "b": 0.5}] * n
+    est = ResponseEstimator(prob.model, prob.loss_fn, prob.streams(8, gen), lr=0.1)
+    batches = [prob.train_batch(w, 16, gen) for w in weights]
+    return est.estimate(batches, weights, None, start=10, n_groups=4), prob
+
+
+def test_report_json_roundtrip_and_predictions(tmp_path) -> None:
+    rep, _ = _small_report()
+    assert set(rep.targets) == {"a", "b", "mix"} and rep.g_groups.shape == (4, 3, 2, 6)
+    json.dumps(rep.to_dict(), allow_nan=False)
+    back = ResponseReport.from_json(rep.to_json(tmp_path / "r.json"))
+    assert back.to_dict() == rep.to_dict()
+    np.testing.assert_array_equal(back.g_groups, rep.g_groups)
+    # predictions are sums of the per-group samples; a target in the span is a combination
+    dw = {"a": np.linspace(-1, 1, 6), "b": np.ones(6)}
+    per_group = (rep.samples("mix") * np.stack([dw["a"], dw["b"]])).sum(axis=(1, 2))
+    assert rep.predict("mix", dw).mean == pytest.approx(per_group.mean(), rel=1e-12)
+    np.testing.assert_allclose(rep.samples({"a": 0.5, "b": 0.5}), rep.samples("mix"), rtol=1e-10)
+    np.testing.assert_allclose(rep.samples({"a": 2.0, "b": -1.0}), 2 * rep.samples("a") - rep.samples("b"),
+                               rtol=1e-10, atol=1e-15)
+    iv = Intervention({"a": 0.5, "b": 0.5}, "a", "b", 0.1, t0=11, T=2)
+    d12 = intervention_delta(iv, 6, start=10)
+    assert rep.predict_intervention("a", iv).mean == pytest.approx(rep.predict("a", d12).mean, rel=1e-12)
+    assert rep.predict_intervention("a", iv.reversed()).mean == pytest.approx(
+        -rep.predict_intervention("a", iv).mean, rel=1e-12)
+    assert rep.predict_intervention("a", iv, baseline=True).mean == pytest.approx(
+        rep.predict_alignment("a", d12).mean, rel=1e-12)
+    assert rep.at("b", "a", 3).mean == pytest.approx(rep.G("b")["a"][3])
+    assert "alignment" in str(rep) and rep.loss("mix").n == 4
+
+
+def _one_sentence(exc: pytest.ExceptionInfo) -> None:
+    msg = str(exc.value)
+    assert msg.endswith(".") and "\n" not in msg, msg
+
+
+def test_bad_inputs_are_one_sentence_errors() -> None:
+    rep, prob = _small_report()
+    gen = torch.Generator().manual_seed(1)
+    est = ResponseEstimator(prob.model, prob.loss_fn, prob.streams(8, gen), lr=0.1)
+    w = [{"a": 0.5, "b": 0.5}] * 3
+    b = [prob.train_batch(x, 8, gen) for x in w]
+    bad_calls = [
+        lambda: est.estimate(b, [{"a": 0.5, "zz": 0.5}] * 3),  # unknown domain in weights
+        lambda: est.estimate(b[:2], w),  # wrong number of steps
+        lambda: est.estimate(b, w, steps=4),
+        lambda: est.estimate(iter(b[:2]), w),  # an iterator that runs out
+        lambda: est.estimate(b, lambda s: w[0]),  # a schedule without steps
+        lambda: est.estimate(b, w, n_groups=1),
+        lambda: est.estimate(b, w, ["nope"]),
+        lambda: est.estimate(b, {"a": 1.0}),
+        lambda: ResponseEstimator(prob.model, prob.loss_fn, {}, lr=0.1),
+        lambda: ResponseEstimator(prob.model, prob.loss_fn, {"a": []}, lr=0.1, optimizer="lion"),
+        lambda: ResponseEstimator(prob.model, prob.loss_fn, {"a": []}, lr=0.1, state={"state": {}}),
+        lambda: ResponseEstimator(prob.model, prob.loss_fn, {"a": []}, lr=0.1,
+                                  state=OptimizerState(3, {"weight": torch.zeros(1, 4, dtype=DT)},
+                                                       {"weight": torch.zeros(1, 4, dtype=DT)})),
+        lambda: ResponseEstimator(prob.model, prob.loss_fn, {"a": []}, lr=0.1, optimizer="adam",
+                                  state=OptimizerState(3, {"weight": torch.zeros(4, dtype=DT)},
+                                                       {"weight": torch.zeros(4, dtype=DT)})),
+        lambda: ResponseEstimator(prob.model, prob.loss_fn, {"a": [prob.sample(0, 4, gen)], "b": []},
+                                  lr=0.1).estimate(b, w),  # a stream that runs out
+        lambda: rep.predict("a", {"a": np.ones(5)}),
+        lambda: rep.predict("a", {"c": np.ones(6)}),
+        lambda: rep.predict("zz", {"a": np.ones(6)}),
+        lambda: rep.at("a", "a", 6),
+        lambda: rep.predict_intervention("a", Intervention({"a": 0.7, "b": 0.3}, "a", "b", 0.1, t0=11, T=2)),
+        lambda: rep.predict_intervention("a", Intervention({"a": 0.5, "b": 0.5}, "a", "b", 0.1, t0=14, T=2)),
+        lambda: ResponseReport.from_dict({"format": "commute.response_report/1", "domains": ["a"]}),
+    ]
+    for call in bad_calls:
+        with pytest.raises(CommuteError) as exc:
+            call()
+        _one_sentence(exc)
+
+
+def test_model_untouched_and_store_device() -> None:
+    """Parameters, .grad and train/eval modes are as before; keeping the trajectory elsewhere changes
+    nothing."""
+    model, data = mlp_problem()
+    model.train()
+    model.l2.eval()
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    weights = random_weights(4, "abc")
+    reps = []
+    for dev in (None, "cpu"):
+        est = ResponseEstimator(model, ce, {k: itertools.repeat(b) for k, b in data.items()}, lr=0.01,
+                                optimizer="adam", train_loss_fn=mixture_loss, store_device=dev, eps=1e-3)
+        reps.append(est.estimate([(w, data) for w in weights], weights, ["mix"], n_groups=2))
+    np.testing.assert_array_equal(reps[0].g_groups, reps[1].g_groups)
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and model.l1.training and not model.l2.training
+
+
+def test_parameter_subset_schedule_weights_and_progress() -> None:
+    """Training only some parameters (the others fixed at the model's values) is the exact response of that
+    sub-problem; weights may be a Schedule (with steps), and the progress bar runs."""
+    from commute.schedule import Constant
+
+    model, data = mlp_problem()
+    sub = {k: p.detach().clone() for k, p in model.named_parameters() if k.startswith("l2.")}
+    losses = functional_losses(model, data)  # functional_call with a partial dict: l1 stays the model's
+    w = {"a": 0.2, "b": 0.5, "c": 0.3}
+    est = ResponseEstimator(model, ce, {k: itertools.repeat(b) for k, b in data.items()}, lr=0.3,
+                            parameters=model.l2.parameters(), train_loss_fn=mixture_loss)
+    assert est.names == ["l2.weight", "l2.bias"]
+    rep = est.estimate(lambda s: (w, data), Constant(w), ["b"], steps=5, start=3, n_groups=2, progress=True)
+    assert rep.weights == [w] * 5 and rep.start == 3
+    ref = schedule_response(losses, sub, [w] * 5, 0.3, "b")
+    for d in data:
+        assert rel(rep.G("b")[d], ref.G[d]) <= 1e-10, d
