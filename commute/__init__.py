@@ -13,13 +13,23 @@ __version__ = "0.1.0"
 __all__ = ["hvp", "hvps", "grad", "lie_bracket", "bracket_projection", "CommuteError", "__version__"]
 
 
-def __getattr__(name: str):  # lazy: keep `import commute` light
-    if name in {"BracketEstimator", "BracketReport", "Estimate"}:
-        from commute import estimate
+#: lazily imported public names -> their module (``import commute`` stays light)
+_LAZY = {
+    **dict.fromkeys(("BracketEstimator", "BracketReport", "TournamentReport", "Estimate"), "estimate"),
+    **dict.fromkeys(("schedule_gradient", "schedule_response", "ResponseEstimator", "ResponseReport"),
+                    "response"),
+    **dict.fromkeys(("BracketMonitor", "CommuteCallback"), "callbacks"),
+    "bracket_at": "audit",
+}
 
-        return getattr(estimate, name)
-    if name in {"schedule_gradient", "schedule_response"}:
-        from commute import response
 
-        return getattr(response, name)
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"commute.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'commute' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

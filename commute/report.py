@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from commute.io import atomic_write, write_csv
-from commute.scores import FALLBACK_THRESHOLD, lambda_of, p_dof, summarise, t_threshold
+from commute.scores import FALLBACK_THRESHOLD, lambda_of, summarise, t_threshold
 
 __all__ = ["render_report", "write_csvs", "summary_table", "plot_loss_planes", "plot_pred_vs_obs",
+           "plot_predictors",
            "plot_locality", "summarise", "PAPER_TABLES"]
 
 #: The paper's Tables 2 (balanced) and 3 (imbalanced): t, L1, L2, EL1^12, EL2^12, EL1^21, EL2^21,
@@ -164,42 +165,101 @@ def summary_table(data: Mapping[str, Any]) -> Any:
 # --------------------------------------------------------------------------------------------------
 # markdown
 # --------------------------------------------------------------------------------------------------
-def _cells_table(arm: Mapping[str, Any], d1: str, d2: str) -> str:
-    header = ["t0", "Δw", f"L1 ({d1})", f"L2 ({d2})", "EL1^12", "EL2^12", "EL1^21", "EL2^21",
-              "pred EL1^12 ± se", "pred EL2^12 ± se", "antisym 1", "antisym 2", "sign ok (1, 2)",
-              f"γTλ_max [λ_max of {_lambda_op(arm)}]", "tokens equal"]
+def _pm(e: Mapping[str, Any] | None) -> str:
+    """``mean ± stderr`` of a prediction or observation dict (– when absent)."""
+    if not e or e.get("mean") is None:
+        return "–"
+    se = e.get("stderr")
+    bad = se is None or (isinstance(se, float) and math.isnan(se))
+    return _e(e["mean"]) + ("" if bad else f" ± {_e(se)}")
+
+
+def _cells_table(arm: Mapping[str, Any]) -> str:
+    """One row per (t0, Δw, target): the replicated observation beside every predictor."""
+    header = ["t0", "Δw", "target L", "L(t0)", "EL^12", "EL^21", "observed (EL^12−EL^21)/2 ± se (R)",
+              "response ± se", "bracket ± se", "alignment ± se", "recency", "γTλ_max", "tokens equal"]
     rows = []
-
-    def ok(p: Mapping[str, Any], t0: Any, d: str) -> str:
-        pred, se = float(p["pred"]), float(p.get("pred_stderr", math.nan))
-        sig = se > 0 and abs(pred / se) > t_threshold(p_dof(arm, t0, d))
-        return ("✓" if p["agree"] else "✗") + ("*" if sig else "")
-
     for c in sorted(arm["cells"], key=lambda c: (c["t0"], c["delta_w"])):
-        p1, p2 = c["per_domain"][d1], c["per_domain"][d2]
-        rows.append([
-            str(c["t0"]), _f(c["delta_w"], "g"), _f(c["L_t0"][d1], ".4f"), _f(c["L_t0"][d2], ".4f"),
-            _e(p1["EL12"]), _e(p2["EL12"]), _e(p1["EL21"]), _e(p2["EL21"]),
-            f"{_e(p1['pred'])} ± {_e(p1['pred_stderr'])}", f"{_e(p2['pred'])} ± {_e(p2['pred_stderr'])}",
-            _e(p1["antisym"]), _e(p2["antisym"]), f"{ok(p1, c['t0'], d1)} {ok(p2, c['t0'], d2)}",
-            _f(c.get("locality"), ".2g"),
-            "yes" if c.get("tokens_match") else "NO",
-        ])
+        for d, p in c["per_domain"].items():
+            obs = p.get("observed") or {"mean": p["antisym"], "stderr": None, "n": 1, "significant": False}
+            pr = p.get("predictions") or {"bracket": {"mean": p["pred"], "stderr": p.get("pred_stderr")}}
+            rec = (pr.get("recency") or {}).get("mean")
+            rows.append([
+                str(c["t0"]), _f(c["delta_w"], "g"), d, _f(c["L_t0"][d], ".4f"), _e(p["EL12"]), _e(p["EL21"]),
+                f"{_pm(obs)} ({obs['n']})" + (" **sig**" if obs.get("significant") else ""),
+                _pm(pr.get("response")), _pm(pr.get("bracket")), _pm(pr.get("alignment")),
+                "–" if rec is None else ("+" if rec > 0 else "−"),
+                _f(c.get("locality"), ".2g"), "yes" if c.get("tokens_match") else "NO",
+            ])
     return _table(header, rows)
 
 
-def _p_table(arm: Mapping[str, Any], d1: str, d2: str) -> str:
-    header = ["step", f"L1 ({d1})", f"L2 ({d2})", f"P(1,2;{d1}) ± se", f"P(1,2;{d2}) ± se", "z1", "z2",
-              "γ used", "γ_eff (Adam)", f"λ_max of {_lambda_op(arm)}"]
+def _p_table(arm: Mapping[str, Any], pair: Sequence[str]) -> str:
+    """The bracket's P per target along the base run (with γ, γ_eff, λ_max)."""
+    d1, d2 = pair
+    header = ["step", "target L", "L", f"P({d1},{d2}; L) ± se", "z", "γ used", "γ_eff (Adam)",
+              f"λ_max of {_lambda_op(arm)}"]
     rows = []
     for ck in sorted(arm["checkpoints"], key=lambda c: c["step"]):
-        P1, P2 = ck["P"][d1], ck["P"][d2]
-        z = lambda p: p["mean"] / p["stderr"] if p["stderr"] > 0 else math.nan  # noqa: E731
-        rows.append([str(ck["step"]), _f(ck["L"][d1], ".4f"), _f(ck["L"][d2], ".4f"),
-                     f"{_e(P1['mean'])} ± {_e(P1['stderr'])}", f"{_e(P2['mean'])} ± {_e(P2['stderr'])}",
-                     _f(z(P1), ".2f"), _f(z(P2), ".2f"), _e(ck.get("gamma")), _e(ck.get("gamma_eff")),
-                     _f(ck.get("lambda_max"), ".3g")])
+        for d, P in ck["P"].items():
+            z = P["mean"] / P["stderr"] if P["stderr"] > 0 else math.nan
+            rows.append([str(ck["step"]), d, _f(ck["L"][d], ".4f"), f"{_e(P['mean'])} ± {_e(P['stderr'])}",
+                         _f(z, ".2f"), _e(ck.get("gamma")), _e(ck.get("gamma_eff")),
+                         _f(ck.get("lambda_max"), ".3g")])
     return _table(header, rows)
+
+
+#: How each predictor is named in the report.
+PREDICTOR_NAMES = {"response": "linear response Σδw·G", "bracket": "bracket γ²ΔwT²P",
+                   "alignment": "first-order alignment (no curvature)", "recency": "recency rule (sign only)"}
+
+
+def _predictors_md(s: Mapping[str, Any]) -> str:
+    """The predictors' scores on significant cells, per group (long format)."""
+    pr = s.get("predictors") or {}
+    groups = pr.get("groups", {})
+    header = ["cells", "predictor", "significant cells", "sign right", "Spearman ρ", "median obs/pred",
+              "worst fold off"]
+    rows = []
+    for g, by in groups.items():
+        for p, sc in by.items():
+            if sc["n"] == 0 and p != "recency":
+                continue
+            rows.append([g, PREDICTOR_NAMES.get(p, p), str(sc["n"]),
+                         f"{sc['sign_right']}/{sc['n']}" if sc["n"] else "–", _f(sc["spearman"], ".2f"),
+                         _f(sc["median_ratio"], ".2g"), _f(sc["max_fold"], ".2g")])
+    return _table(header, rows)
+
+
+def _trust_md(s: Mapping[str, Any]) -> list[str]:
+    """Plain words: which predictor to trust for the sign, the ranking and the size, from the scores."""
+    pr = (s.get("predictors") or {}).get("groups", {}).get("all")
+    if not pr:
+        return ["No cell's observation is significant (replicate the windows more, see `replicates`): no "
+                "predictor can be scored.", ""]
+    n = pr["bracket"]["n"]
+
+    def acc(p: str) -> float:
+        return pr[p]["sign_right"] / pr[p]["n"] if pr.get(p) and pr[p]["n"] else math.nan
+
+    avail = [p for p in ("response", "bracket", "alignment", "recency") if p in pr and pr[p]["n"]]
+    best_sign = max(avail, key=lambda p: (acc(p), p == "response"))
+    mag = [p for p in avail if p != "recency"]
+    best_rank = max(mag, key=lambda p: pr[p]["spearman"] if math.isfinite(pr[p]["spearman"]) else -9) \
+        if mag else None
+    out = [f"On the {n} significant cells: the sign is best predicted by the "
+           f"**{PREDICTOR_NAMES[best_sign]}** ({pr[best_sign]['sign_right']}/{pr[best_sign]['n']})"]
+    if best_rank:
+        out[0] += (f"; the ranking of interventions by the **{PREDICTOR_NAMES[best_rank]}** "
+                   f"(Spearman ρ = {_f(pr[best_rank]['spearman'], '.2f')})")
+    if "response" in pr and pr["response"]["n"]:
+        r = pr["response"]
+        out[0] += (f"; the size of a trade-off by the linear response only within its measured spread: "
+                   f"median observed/predicted {_f(r['median_ratio'], '.2g')}, worst cell off by "
+                   f"{_f(r['max_fold'], '.2g')}×")
+    out[0] += (". The recency rule has no magnitude; when every significant cell follows it, the sign alone "
+               "does not separate the predictors, and the rank correlation and magnitudes do.")
+    return [out[0], ""]
 
 
 def _paper_table(variant: str) -> str:
@@ -217,20 +277,29 @@ def _paper_table(variant: str) -> str:
 
 
 def _locality_md(loc: Mapping[str, Any]) -> str:
-    d1, d2 = loc["domains"]
-    header = ["T", "γT", "γTλ_max", f"antisym {d1}", f"pred {d1}", f"ratio {d1}", f"antisym {d2}",
-              f"pred {d2}", f"ratio {d2}"]
-    rows = [[str(r["T"]), _e(r["gammaT"]), _f(r["locality"], ".3g"), _e(r[d1]["antisym"]), _e(r[d1]["pred"]),
-             _f(r[d1]["ratio"], ".4f"), _e(r[d2]["antisym"]), _e(r[d2]["pred"]), _f(r[d2]["ratio"], ".4f")]
-            for r in loc["rows"]]
+    names = loc["domains"]
+    d1, d2 = loc.get("pair") or names[:2]
+    resp = any("ratio_response" in r[names[0]] for r in loc["rows"])
+    header = ["T", "γ", "γTλ_max"]
+    for d in names:
+        header += [f"antisym {d}", f"bracket ratio {d}"] + ([f"response ratio {d}"] if resp else [])
+    rows = []
+    for r in loc["rows"]:
+        row = [str(r["T"]), _e(r.get("lr", loc["lr"])), _f(r["locality"], ".3g")]
+        for d in names:
+            row += [_e(r[d]["antisym"]), _f(r[d]["ratio"], ".4f")]
+            if resp:
+                row += [_f(r[d].get("ratio_response"), ".4f")]
+        rows.append(row)
     src = loc.get("source", "a base checkpoint")
     return (
         f"Deterministic gradient descent in float64 from {src} on fixed batches "
-        f"({loc.get('batch_size', '?')} sequences per domain), γ = {_e(loc['lr'])}, "
-        f"λ_max = {_f(loc['lambda_max'], '.4g')}, Δw = {loc['delta_w']:g}, base {loc['base']}; "
-        f"exact P(1,2;{d1}) = {_e(loc['P'][d1])}, P(1,2;{d2}) = {_e(loc['P'][d2])}. "
-        "ratio = observed (EL^12 − EL^21)/2 over γ²ΔwT²P; the theory says ratio → 1 as γTλ_max → 0.\n\n"
-        + _table(header, rows)
+        f"({loc.get('batch_size', '?')} sequences per domain), λ_max = {_f(loc['lambda_max'], '.4g')}, "
+        f"Δw = {loc['delta_w']:g} between {d1} and {d2}, base {loc['base']}; exact P: "
+        + ", ".join(f"{d} {_e(v)}" for d, v in loc["P"].items())
+        + ". ratio = observed (EL^12 − EL^21)/2 over a prediction: the bracket γ²ΔwT²P (→ 1 as γTλ_max → 0 "
+        "only)" + (" and the exact linear response of the GD map, Σδw·G (→ 1 as Δw → 0 at any γTλ_max)"
+                   if resp else "") + ".\n\n" + _table(header, rows)
     )
 
 
@@ -238,23 +307,46 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
     """Write ``report.md`` (and, with ``figures``, the PNGs and CSVs) into ``out_dir``; return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    d1, d2 = data["domains"]
+    d1, d2 = data.get("pair") or data["domains"][:2]
     summary = _summary(data)
     cfg = data.get("config", {})
     figs: dict[str, str] = {}
     if figures:
         figs["planes"] = plot_loss_planes(data, out / "loss_planes.png").name
         figs["pred"] = plot_pred_vs_obs(data, out / "pred_vs_obs.png").name
+        figs["predictors"] = plot_predictors(data, out / "predictors.png").name
         if data.get("locality"):
             figs["locality"] = plot_locality(data["locality"], out / "locality.png").name
     write_csvs(data, out)
 
-    md: list[str] = [f"# Bilingual order study (preset `{cfg.get('preset', '?')}`)", ""]
+    R = cfg.get("replicates", 1)
+    md: list[str] = [f"# Order study (preset `{cfg.get('preset', '?')}`)", ""]
     md += [
-        f"Domains: 1 = `{d1}`, 2 = `{d2}`. Model `{cfg.get('model_preset')}` "
+        f"Domains {', '.join(f'`{d}`' for d in data['domains'])}; interventions trade weight between "
+        f"1 = `{d1}` and 2 = `{d2}`; every domain's loss is a target. Model `{cfg.get('model_preset')}` "
         f"{cfg.get('model_overrides', {})}, batch {cfg.get('batch_size')}×{cfg.get('seq_len')} tokens, "
         f"T = {cfg.get('T')} steps, t0 ∈ {cfg.get('t0s')}, lr {cfg.get('lr')}, "
-        f"sampler `{cfg.get('sampler_mode')}`, seed {cfg.get('seed')}.",
+        f"sampler `{cfg.get('sampler_mode')}`, seed {cfg.get('seed')}; each θ12/θ21 pair under {R} sampler "
+        "seed(s) for its window (common random numbers inside a replicate).",
+        "",
+        "## Which predictor to trust",
+        "",
+        "Observed: the antisymmetric excess (EL^12 − EL^21)/2, mean ± stderr over the replicates; a cell "
+        "(arm, t0, Δw, target) counts only where that mean is significant (two-sided 95 % Student-t, R − 1 "
+        "dof). Predictors, each with its stderr: the schedule's **linear response** Σ_t δw(t)·G(t) "
+        "(docs/design.md §1b; G estimated along the replayed base window), the **bracket** γ²ΔwT²P "
+        "(second order in γT), the **first-order alignment** (the response without curvature: the target "
+        "gradient at the window's end against each step's domain gradients) and the **recency rule** (the "
+        "domain boosted last ends better; sign only).",
+        "",
+        *_trust_md(summary),
+        _predictors_md(summary),
+        "",
+        *([f"![predictors]({figs['predictors']})", "",
+           "Each predictor against the replicated observation (both with ± stderr bars; filled: significant "
+           "observation). Both axes share one symmetric-log scale per panel; the dashed line is "
+           "observed = predicted.", ""] if figures else []),
+        "## The bracket in detail",
         "",
         "EL_i^12 = L_i(θ12) − L_i(θ_base(t0+2T)) on fixed validation batches; θ12 boosts domain 1 first "
         "(paper eq. 9/10). *Predicted* EL_i^12 = γ²ΔwT²·P(L_1, L_2; L_i) (docs/design.md §1), compared in "
@@ -264,8 +356,6 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         "γTλ_max says how local the prediction is (λ_max is of H for SGD and of Adam's preconditioned "
         "D^-1/2 H D^-1/2 for Adam): below 0.01 the predicted magnitude should hold within a few %, below 0.1 "
         "within ~20 %, beyond that trust signs at most.",
-        "",
-        "## Summary",
         "",
     ]
     md += [_table(["run", *SUMMARY_COLUMNS], _summary_rows(summary, bold=True)), ""]
@@ -320,8 +410,8 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
 
     for arm in data["arms"]:
         md += [f"## {_arm_name(arm)}", "", f"γ: {arm.get('gamma_rule', '')}", ""]
-        md += ["### Interventions (paper Tables 2–3 columns, plus ours)", "", _cells_table(arm, d1, d2), ""]
-        md += ["### P(L_1, L_2; L_i) along the base run (Table 4 analogue)", "", _p_table(arm, d1, d2), ""]
+        md += ["### Interventions (paper Tables 2–3 columns, plus ours)", "", _cells_table(arm), ""]
+        md += ["### P along the base run (Table 4 analogue)", "", _p_table(arm, (d1, d2)), ""]
     if figures:
         md += ["## Figures", "",
                f"![loss planes]({figs['planes']})", "",
@@ -403,7 +493,7 @@ def plot_loss_planes(data: Mapping[str, Any], path: str | Path) -> Path:
 
     plt = _plt()
     arms = data["arms"]
-    d1, d2 = data["domains"]
+    d1, d2 = data.get("pair") or data["domains"][:2]
     fig, axes = plt.subplots(1, len(arms), figsize=(4.6 * len(arms), 4.9), squeeze=False)
     markers = ["o", "P", "s", "*", "D", "^", "v", "X"]
     t0s_all = sorted({c["t0"] for arm in arms for c in arm["cells"]})
@@ -484,7 +574,7 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
         for arm in data["arms"]:
             if arm["optimizer"] != opt:
                 continue
-            for d, mk in zip(data["domains"], ("o", "s"), strict=True):
+            for d, mk in zip(data["domains"], ("o", "s", "^", "v", "D", "P"), strict=False):
                 xs = [c["per_domain"][d]["pred"] for c in arm["cells"]]
                 es = [c["per_domain"][d]["pred_stderr"] for c in arm["cells"]]
                 ys = [c["per_domain"][d]["antisym"] for c in arm["cells"]]
@@ -508,22 +598,90 @@ def plot_pred_vs_obs(data: Mapping[str, Any], path: str | Path) -> Path:
     return _save(plt, fig, path, rect=(0, 0.07, 1, 1))
 
 
-def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:
-    """Observed antisymmetric excess / prediction against γTλ_max (log x); → 1 as γT → 0."""
+def plot_predictors(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Every predictor with magnitudes (response, bracket, alignment; columns) against the replicated
+    observation, one row per optimiser: x = predicted ± stderr, y = observed mean ± stderr; filled markers
+    are significant observations; one symmetric-log scale for both axes of a panel, and the diagonal."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 4))
-    xs = [r["locality"] for r in loc["rows"]]
-    for d, mk in zip(loc["domains"], ("o-", "s-"), strict=True):
-        ax.plot(xs, [r[d]["ratio"] for r in loc["rows"]], mk, label=f"L = {d}")
-    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="theory (γT → 0)")
-    ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter
+    opts = list(dict.fromkeys(a["optimizer"] for a in data["arms"]))
+    preds = [p for p in ("response", "bracket", "alignment")
+             if any(p in (pd.get("predictions") or {}) for a in data["arms"] for c in a["cells"]
+                    for pd in c["per_domain"].values())] or ["bracket"]
+    fig, axes = plt.subplots(len(opts), len(preds), figsize=(4.4 * len(preds), 4.0 * len(opts) + 0.5),
+                             squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+    names = list(data["domains"])
+    for row, opt in zip(axes, opts, strict=True):
+        for ax, p in zip(row, preds, strict=True):
+            vals: list[float] = []
+            for arm in (a for a in data["arms"] if a["optimizer"] == opt):
+                mk = "o" if arm["variant"] == "balanced" else "s"
+                for c in arm["cells"]:
+                    for d, pd in c["per_domain"].items():
+                        e = (pd.get("predictions") or {}).get(p) or (
+                            {"mean": pd["pred"], "stderr": pd.get("pred_stderr")} if p == "bracket" else None)
+                        if not e:
+                            continue
+                        obs = pd.get("observed") or {"mean": pd["antisym"], "stderr": 0.0,
+                                                     "significant": False}
+                        col = colors[names.index(d) % len(colors)]
+                        x, y = e["mean"], obs["mean"]
+                        xe = e.get("stderr") or 0.0
+                        ye = obs.get("stderr") or 0.0
+                        ye = 0.0 if not math.isfinite(ye) else ye
+                        vals += [x, y]
+                        ax.errorbar([x], [y], xerr=[xe], yerr=[ye], fmt=mk, ms=4, color=col, elinewidth=0.7,
+                                    mfc=col if obs.get("significant") else "white", alpha=0.85)
+            v = [abs(x) for x in vals if math.isfinite(x) and x != 0]
+            lim = max(v) * 1.5 if v else 1.0
+            lt = max(min(v), lim * 1e-4) if v else 1e-3
+            _symlog(ax, "x", lim, lt)
+            _symlog(ax, "y", lim, lt)
+            ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.6)
+            ax.axhline(0, color="k", lw=0.4)
+            ax.axvline(0, color="k", lw=0.4)
+            ax.set_title(f"{opt}: {PREDICTOR_NAMES.get(p, p)}", fontsize=9)
+            ax.set_xlabel("predicted (EL^12 − EL^21)/2", fontsize=8)
+            ax.set_ylabel("observed, mean over replicates", fontsize=8)
+            ax.tick_params(labelsize=7)
+    from matplotlib.lines import Line2D
 
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(xs, [f"{x:.2g}" for x in xs])
-    ax.set_xlabel("γ·T·λ_max")
-    ax.set_ylabel("observed antisymmetric excess / predicted")
+    handles = [Line2D([], [], color=colors[n % len(colors)], marker="o", ls="", label=f"target L = {d}")
+               for n, d in enumerate(names)]
+    handles += [Line2D([], [], color="0.3", marker="o", ls="", label="balanced"),
+                Line2D([], [], color="0.3", marker="s", ls="", label="imbalanced"),
+                Line2D([], [], color="0.3", marker="o", mfc="white", ls="",
+                       label="observation not significant")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    return _save(plt, fig, path, rect=(0, 0.5 / (4.0 * len(opts) + 0.5), 1, 1))
+
+
+def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:
+    """Observed antisymmetric excess / prediction against γTλ_max (log x), for the bracket (→ 1 only as
+    γT → 0) and, when present, the exact linear response (→ 1 at any γT as Δw → 0)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    rows = sorted(loc["rows"], key=lambda r: r["locality"])
+    xs = [r["locality"] for r in rows]
+    styles = ("o", "s", "^", "v", "D", "P")
+    ys_all: list[float] = []
+    for n, d in enumerate(loc["domains"]):
+        mk = styles[n % len(styles)]
+        ys = [r[d]["ratio"] for r in rows]
+        ys_all += ys
+        ax.plot(xs, ys, f"{mk}--", color="tab:red", ms=4, lw=0.8, alpha=0.8, label=f"bracket, L = {d}")
+        if "ratio_response" in rows[0][d]:
+            yr = [r[d]["ratio_response"] for r in rows]
+            ys_all += yr
+            ax.plot(xs, yr, f"{mk}-", color="tab:blue", ms=4, lw=1, label=f"linear response, L = {d}")
+    ax.axhline(1.0, color="k", ls=":", lw=0.8, label="observed = predicted")
+    ax.set_xscale("log")
+    fin = [y for y in ys_all if math.isfinite(y)]
+    lo, hi = (min(fin + [0.0]), max(fin + [1.2])) if fin else (0.0, 1.2)
+    ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+    ax.set_xlabel("γ·T·λ_max (how far from the local regime)")
+    ax.set_ylabel("observed (EL^12 − EL^21)/2 / predicted")
     ax.set_title("Locality sweep (deterministic GD, float64)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     return _save(plt, fig, path)

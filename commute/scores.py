@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["sign_agreement", "t_threshold", "summarise", "FALLBACK_THRESHOLD", "lambda_of", "p_dof"]
+__all__ = ["sign_agreement", "t_threshold", "summarise", "FALLBACK_THRESHOLD", "lambda_of", "p_dof", "score",
+           "score_predictors", "PREDICTORS"]
 
 
 def sign_agreement(
@@ -81,7 +82,7 @@ def _majority(flags: Sequence[bool]) -> tuple[bool, bool]:
     return 2 * k > len(flags), 2 * k == len(flags)
 
 
-def _arm_counts(arm: Mapping[str, Any], d1: str, z_threshold: float | None) -> dict[str, Any]:
+def _arm_counts(arm: Mapping[str, Any], d1: str, d2: str, z_threshold: float | None) -> dict[str, Any]:
     """Every count of one arm (see :func:`summarise`)."""
     cells = [dict(pd) for c in arm["cells"] for pd in c["per_domain"].values()]
     counts: dict[str, Any] = dict(sign_agreement(cells, z_threshold if z_threshold is not None else 2.0))
@@ -113,15 +114,19 @@ def _arm_counts(arm: Mapping[str, Any], d1: str, z_threshold: float | None) -> d
     )
     # one prediction per (t0, domain): every Δw there shares one P estimate and one base trajectory.
     # recency baseline: the domain boosted last ends better, i.e. antisym > 0 for domain 1, < 0 for domain 2
+    # (no prediction for a third domain's loss)
     groups: dict[tuple[Any, str], list[tuple[bool, bool]]] = {}
     for c in arm["cells"]:
         for d, pd in c["per_domain"].items():
+            if d not in (d1, d2):
+                continue
             s = 1 if d == d1 else -1
             groups.setdefault((c["t0"], d), []).append((bool(pd["pred"] * pd["antisym"] > 0),
                                                         bool(s * pd["antisym"] > 0)))
     p_major = [_majority([a for a, _ in g]) for g in groups.values()]
     r_major = [_majority([b for _, b in g]) for g in groups.values()]
-    sgn = [(1 if d == d1 else -1, pd) for c in arm["cells"] for d, pd in c["per_domain"].items()]
+    sgn = [(1 if d == d1 else -1, pd) for c in arm["cells"] for d, pd in c["per_domain"].items()
+           if d in (d1, d2)]
     ratios = [c["antisym"] / c["pred"] for c in cells if c["pred"] != 0]
     locs = [c.get("locality", math.nan) for c in arm["cells"]]
     counts.update({"predictions": len(groups),
@@ -161,9 +166,9 @@ def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict
       its cells (both domains, all Δw) has the predicted sign (the paper: 3 of 4 checkpoints).
     """
     out: dict[str, Any] = {"arms": {}, "optimizers": {}, "all": None}
-    d1 = data["domains"][0]
+    d1, d2 = data.get("pair") or data["domains"][:2]
     for arm in data["arms"]:
-        out["arms"][f"{arm['optimizer']}/{arm['variant']}"] = _arm_counts(arm, d1, z_threshold)
+        out["arms"][f"{arm['optimizer']}/{arm['variant']}"] = _arm_counts(arm, d1, d2, z_threshold)
 
     def total(keys: Sequence[str]) -> dict[str, Any]:
         rows = [out["arms"][k] for k in keys]
@@ -181,9 +186,66 @@ def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict
     out["significance"] = {"rule": "fixed" if z_threshold is not None else "student_t_0.975",
                            "dof": out["all"]["dof"], "dof_missing": out["all"]["dof_missing"],
                            "thresholds": out["all"]["thresholds"]}
+    out["predictors"] = score_predictors(data)
     loc = data.get("locality")
     if loc:
         out["locality_ratio_smallest_T"] = {d: loc["rows"][-1][d]["ratio"] for d in loc["domains"]}
     return out
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# every predictor against the replicated observations
+# --------------------------------------------------------------------------------------------------
+#: The predictors of a study cell (see :func:`commute.study.predict`); recency predicts a sign only.
+PREDICTORS = ("response", "bracket", "alignment", "recency")
+
+
+def score(pairs: Sequence[tuple[float | None, float]]) -> dict[str, Any]:
+    """Scores of (predicted, observed) pairs (the caller keeps only significant observations):
+    ``n``; ``sign_right``; ``spearman`` (rank correlation, needs n ≥ 3 and magnitudes); ``median_ratio``
+    (median observed/predicted); ``max_fold`` (the largest of |obs/pred| and |pred/obs|: how far the worst
+    cell's magnitude is off, whatever its sign)."""
+    from scipy.stats import spearmanr
+
+    pairs = [(p, o) for p, o in pairs if p is not None and math.isfinite(p) and math.isfinite(o)]
+    n = len(pairs)
+    out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o in pairs),
+                           "spearman": math.nan, "median_ratio": math.nan, "max_fold": math.nan}
+    mags = [(p, o) for p, o in pairs if p != 0]
+    if n >= 3 and len({p for p, _ in pairs}) > 1:
+        out["spearman"] = float(spearmanr([p for p, _ in pairs], [o for _, o in pairs]).statistic)
+    if mags and any(abs(p) != 1.0 for p, _ in mags):  # recency's ±1 carries no magnitude
+        r = [o / p for p, o in mags]
+        out["median_ratio"] = float(np.median(r))
+        out["max_fold"] = float(max(max(abs(x), 1 / abs(x)) if x != 0 else math.inf for x in r))
+    return out
+
+
+def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Every predictor scored on the cells whose observation is significant (replicated mean of
+    (EL^12 − EL^21)/2 beyond the 95 % t threshold), per arm, per optimiser, overall, and per target domain
+    within each of those. Returns ``{"groups": {group: {predictor: score}}, "n_cells", "n_significant"}``
+    with groups named ``adam/balanced``, ``adam``, ``all``, ``adam: L=en``, ``all: L=en``, ..."""
+    groups: dict[str, list[tuple[Mapping[str, Any], str]]] = {}
+    n_cells = 0
+    for arm in data["arms"]:
+        for c in arm["cells"]:
+            for d, pd in c["per_domain"].items():
+                if "observed" not in pd:
+                    continue
+                n_cells += 1
+                if not pd["observed"]["significant"]:
+                    continue
+                for g in (f"{arm['optimizer']}/{arm['variant']}", arm["optimizer"], "all",
+                          f"{arm['optimizer']}: L={d}", f"all: L={d}"):
+                    groups.setdefault(g, []).append((pd, d))
+    out: dict[str, Any] = {"groups": {}, "n_cells": n_cells,
+                           "n_significant": len(groups.get("all", []))}
+    for g, items in groups.items():
+        out["groups"][g] = {
+            p: score([((pd.get("predictions", {}).get(p) or {}).get("mean"), pd["observed"]["mean"])
+                      for pd, _ in items])
+            for p in PREDICTORS}
+    return out

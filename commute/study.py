@@ -147,6 +147,7 @@ class Cell:
     L21: dict[str, float]
     tokens: dict[str, dict[str, int]]
     tokens_match: bool
+    replicates: list[dict[str, Any]] = field(default_factory=list)  # [{"seed", "L12", "L21"}]; 1st: above
     locality: float | None = None
     per_domain: dict[str, dict[str, Any]] | None = None
 
@@ -201,12 +202,13 @@ class ArmResult:
     base_curve: list[BasePoint]
     checkpoints: list[CheckpointEstimate]
     cells: list[Cell]
+    responses: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer, "variant": self.variant, "base": dict(self.base), "lr": self.lr,
                 "T": self.T, "gamma_rule": self.gamma_rule, "run_dir": self.run_dir,
                 "base_curve": [{"step": p.step, "L": p.L} for p in self.base_curve],
-                "checkpoints": [c.to_dict() for c in self.checkpoints],
+                "checkpoints": [c.to_dict() for c in self.checkpoints], "responses": self.responses,
                 "cells": [c.to_dict() for c in self.cells]}
 
 
@@ -355,24 +357,37 @@ def evaluate_base(arm: Arm, val: Mapping[str, list[Tensor]]) -> dict[int, BasePo
 # --------------------------------------------------------------------------------------------------
 # stage 2: the branches θ12 / θ21
 # --------------------------------------------------------------------------------------------------
+def replicate_seed(seed: int, t0: int, r: int) -> int | None:
+    """Sampler seed of replicate ``r`` of the window starting at t0: None (the run's own streams) for r = 0,
+    else a fresh seed; θ12 and θ21 of one replicate share it (common random numbers)."""
+    return None if r == 0 else int(config_hash(["replicate", seed, t0, r], 8), 16) % (2**31 - 1)
+
+
 def _run_branch(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]], t0: int, dw: float,
-                order: str, bar: Progress) -> BranchEnd:
-    """θ12 (order "12": domain 1 boosted first) or θ21 from the base checkpoint at t0 (cached)."""
+                order: str, bar: Progress, sampler_seed: int | None = None) -> BranchEnd:
+    """θ12 (order "12": domain 1 boosted first) or θ21 from the base checkpoint at t0 (cached), under the
+    run's own sampler streams or, with ``sampler_seed``, a replicate's."""
     from commute.schedule import Intervention
     from commute.train import evaluate, load_checkpoint, train
 
     cfg = arm.cfg
-    d1, d2 = cfg.domain_names
+    d1, d2 = cfg.pair_names
     sched = Intervention(arm.variant.base, d1, d2, dw, t0, cfg.T)
     if order == "21":
         sched = sched.reversed()
-    key = config_hash({"arm": arm.key, "schedule": sched.to_dict()})
-    bdir = arm.run_dir / "branches" / f"t{t0}-dw{dw:g}-{order}-{key}"
+    key_obj: dict[str, Any] = {"arm": arm.key, "schedule": sched.to_dict()}
+    if sampler_seed is not None:
+        key_obj["sampler_seed"] = sampler_seed
+    key = config_hash(key_obj)
+    rep = "" if sampler_seed is None else f"-s{sampler_seed}"
+    bdir = arm.run_dir / "branches" / f"t{t0}-dw{dw:g}-{order}{rep}-{key}"
 
     def run() -> dict[str, Any]:
-        bar.describe(f"{arm.label}: θ{order} t0={t0} Δw={dw:g}")
-        res = train(arm.tc.replace(ckpt_steps=[], ckpt_every=0), bdir, branch_from=arm.checkpoint(t0),
-                    schedule=sched, max_steps=t0 + 2 * cfg.T, domains=domains, progress=False)
+        bar.describe(f"{arm.label}: θ{order} t0={t0} Δw={dw:g}" + (f" (replicate seed {sampler_seed})"
+                                                                   if sampler_seed is not None else ""))
+        res = train(arm.tc.replace(ckpt_steps=[], ckpt_every=0, sampler_seed=sampler_seed), bdir,
+                    branch_from=arm.checkpoint(t0), schedule=sched, max_steps=t0 + 2 * cfg.T, domains=domains,
+                    progress=False)
         ck = load_checkpoint(res.checkpoint, device=arm.device)
         return {"step": ck.step, "L": evaluate(ck.model, val), "tokens": ck.state["tokens"],
                 "schedule": sched.to_dict()}
@@ -385,22 +400,28 @@ def _run_branch(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Ten
 def run_branches(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
                  base: Mapping[int, BasePoint], bar: Progress,
                  log: Callable[[str], None] = logger.info) -> list[Cell]:
-    """Both orders from every t0 for every Δw, and the check that all three runs saw equal token totals."""
+    """Both orders from every t0 for every Δw, under ``cfg.replicates`` sampler seeds (the run's own
+    first), and the check that every run saw the base's token totals per domain."""
     cfg = arm.cfg
-    d1, d2 = cfg.domain_names
+    names = cfg.domain_names
     cells = []
     for t0 in cfg.t0s:
         for dw in arm.variant.delta_ws:
-            got = {order: _run_branch(arm, domains, val, t0, dw, order, bar) for order in ("12", "21")}
+            reps, toks = [], []
             b0, b1 = base[t0], base[t0 + 2 * cfg.T]
-            tok = {"base": {k: b1.tokens[k] - b0.tokens[k] for k in (d1, d2)},
-                   **{o: {k: got[o].tokens[k] - b0.tokens[k] for k in (d1, d2)} for o in ("12", "21")}}
-            match = tok["base"] == tok["12"] == tok["21"]
+            for r in range(cfg.replicates):
+                seed = replicate_seed(cfg.seed, t0, r)
+                got = {o: _run_branch(arm, domains, val, t0, dw, o, bar, seed) for o in ("12", "21")}
+                reps.append({"seed": seed, "L12": got["12"].L, "L21": got["21"].L})
+                toks.append({o: {k: got[o].tokens[k] - b0.tokens[k] for k in names} for o in ("12", "21")})
+            tok = {"base": {k: b1.tokens[k] - b0.tokens[k] for k in names}, **toks[0]}
+            match = all(t["12"] == t["21"] == tok["base"] for t in toks)
             log(f"{arm.label} t0={t0} Δw={dw:g} tokens per domain (base / θ12 / θ21): "
-                + "; ".join(f"{k} {tok['base'][k]} / {tok['12'][k]} / {tok['21'][k]}" for k in (d1, d2))
-                + (" — equal" if match else " — NOT equal"))
-            cells.append(Cell(t0=t0, delta_w=dw, T=cfg.T, L_t0=b0.L, L_base=b1.L, L12=got["12"].L,
-                              L21=got["21"].L, tokens=tok, tokens_match=match))
+                + "; ".join(f"{k} {tok['base'][k]} / {tok['12'][k]} / {tok['21'][k]}" for k in names)
+                + (" — equal" if match else " — NOT equal")
+                + (f" (all {cfg.replicates} replicates)" if cfg.replicates > 1 else ""))
+            cells.append(Cell(t0=t0, delta_w=dw, T=cfg.T, L_t0=b0.L, L_base=b1.L, L12=reps[0]["L12"],
+                              L21=reps[0]["L21"], tokens=tok, tokens_match=match, replicates=reps))
     return cells
 
 
@@ -408,30 +429,44 @@ def run_branches(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
 # stage 3: P, λ_max and γ at every checkpoint
 # --------------------------------------------------------------------------------------------------
 def _estimate_at(arm: Arm, domains: Mapping[str, Any], step: int, L: dict[str, float]) -> dict[str, Any]:
-    """P(L_1, L_2; L_i) with :class:`commute.estimate.BracketEstimator`, λ_max of the training mix on one
-    fixed batch per domain, and γ (γ_eff too for Adam) at the base checkpoint ``step``."""
+    """At the base checkpoint ``step``: the bracket's prediction per unit Δw for every target domain,
+    P = P(X, Y; L_i) with X = L_1 − L_2, Y = Σ_k w_k L_k (Cor. 3.2a; = P(L_1, L_2; L_i) for two domains),
+    from :class:`commute.estimate.BracketEstimator`; λ_max of the training mix on one fixed batch per
+    domain; γ (and γ_eff for Adam)."""
     from commute.bracket import grad
     from commute.estimate import BracketEstimator
     from commute.model import lm_loss
     from commute.train import adam_metric, load_checkpoint
 
     cfg = arm.cfg
-    d1, d2 = cfg.domain_names
+    names = cfg.domain_names
+    d1, d2 = cfg.pair_names
     ck = load_checkpoint(arm.checkpoint(step), device=arm.device, with_optimizer=(arm.optimizer == "adam"))
     model = ck.model
     seed = cfg.seed * 1_000_003 + step
-    streams = {k: domains[k].batches(cfg.est_batch_size, cfg.seq_len, seed=seed) for k in (d1, d2)}
+    streams = {k: domains[k].batches(cfg.est_batch_size, cfg.seq_len, seed=seed) for k in names}
     rep = BracketEstimator(model, lm_loss, streams).estimate(
-        cfg.n_grad_batches, cfg.n_hvp_batches, targets=[d1, d2], n_groups=cfg.n_groups)
+        cfg.n_grad_batches, cfg.n_hvp_batches, targets=list(names), n_groups=cfg.n_groups)
+    if len(names) == 2:
+        P = {k: rep.P(d1, d2, k).to_dict() for k in names}
+    else:  # P(X, Y; L) = Σ_k w_k [P(L_1, L_k; L) − P(L_2, L_k; L)] (Cor. 3.2a, bilinearity), per group
+        from commute.estimate import Estimate
+
+        def pxy(t: str) -> Any:
+            w = arm.variant.base
+            return sum(w[k] * ((rep.p_samples(d1, k, t) if k != d1 else 0.0)
+                               - (rep.p_samples(d2, k, t) if k != d2 else 0.0)) for k in names)
+
+        P = {k: Estimate.from_samples(pxy(k)).to_dict() for k in names}
     lb = {k: [next(domains[k].batches(cfg.lambda_batch_size, cfg.seq_len, seed=seed + 7)).to(arm.device)]
-          for k in (d1, d2)}
+          for k in names}
     mix = mix_loss(fixed_batch_losses(model, lb), arm.variant.base)
     params = model_params(model)
     D = adam_metric(ck.optimizer_state, model) if arm.optimizer == "adam" else None
     with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
         lam = abs(hessian_lambda_max(mix, params, D, iters=cfg.lambda_iters))
     return CheckpointEstimate(
-        step=step, L=L, P={k: rep.P(d1, d2, k).to_dict() for k in (d1, d2)}, lr=arm.lr, n_hvp=rep.n_hvp,
+        step=step, L=L, P=P, lr=arm.lr, n_hvp=rep.n_hvp,
         gamma=arm.lr,  # the γ of the prediction (see the module docstring)
         gamma_eff=None if D is None else gamma_eff(grad(mix, params), D, arm.lr),
         lambda_max=lam, lambda_of="D^-1/2 H D^-1/2 (Adam)" if D is not None else "H",
@@ -455,25 +490,117 @@ def estimate_checkpoints(arm: Arm, domains: Mapping[str, Any], base: Mapping[int
 
 
 # --------------------------------------------------------------------------------------------------
-# stage 4: predictions
+# stage 3b: the schedule's linear response over every window
 # --------------------------------------------------------------------------------------------------
-def predict(arm: Arm, cells: Sequence[Cell], estimates: Sequence[CheckpointEstimate]) -> list[Cell]:
-    """Fill each cell's locality number γ·T·λ_max and, per domain, the prediction γ²ΔwT²P ± stderr
-    (:func:`commute.bracket.intervention_excess`) beside the observed antisymmetric excess."""
+def _unit_delta(cfg: StudyConfig) -> dict[str, list[float]]:
+    """δw(t) of θ12 per unit Δw over the window [t0, t0 + 2T): +1 on d1 / −1 on d2, then the opposite."""
+    d1, d2 = cfg.pair_names
+    up = [1.0] * cfg.T + [-1.0] * cfg.T
+    return {d1: up, d2: [-x for x in up]}
+
+
+def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any]:
+    """:class:`commute.response.ResponseEstimator` over the base window [t0, t0 + 2T) replayed from the
+    checkpoint at t0 with the run's own batches; per target domain, the predicted antisymmetric excess
+    (EL^12 − EL^21)/2 per unit Δw, Σ_t δw(t)·G(t) (docs/design.md §1b), and the first-order alignment
+    baseline's (G without curvature) from the same samples."""
+    from commute.data import MixtureSampler
+    from commute.model import lm_loss
+    from commute.response import ResponseEstimator
+    from commute.train import load_checkpoint, lr_at, param_group_names
+
+    cfg, rc, tc = arm.cfg, arm.cfg.response, arm.tc
+    names = cfg.domain_names
+    ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
+    sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, tc.seed, tc.sampler_mode)
+    sampler.load_state_dict(ck.state["sampler"])
+    base = dict(arm.variant.base)
+    seed = cfg.seed * 1_000_003 + t0 + 13
+    streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
+    # optimiser, its hyperparameters per group and the lr schedule are read from the run itself
+    est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
+                            state=ck.optimizer_state, state_names=param_group_names(ck.model))
+    n = 2 * cfg.T
+    with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
+        rep = est.estimate(lambda s: sampler.next_batch(base), [base] * n, targets=list(names), steps=n,
+                           start=t0, n_groups=rc.n_groups)
+    unit = _unit_delta(cfg)
+    return {"step": t0, "n_groups": rc.n_groups, "batch_size": rc.batch_size, "n_hvp": rep.n_hvp,
+            "seconds": rep.seconds,
+            "unit": {k: {"response": rep.predict(k, unit).to_dict(),
+                         "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names}}
+
+
+def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> dict[int, dict[str, Any]]:
+    """:func:`_response_at` at every t0 (cached by the response settings); {} when disabled."""
+    rc = arm.cfg.response
+    if not rc.enabled:
+        return {}
+    key = config_hash(["response", rc.n_groups, rc.batch_size])
+    out = {}
+    for t0 in arm.cfg.t0s:
+        path = arm.cache / f"response_{t0:08d}_{key}.json"
+        if not path.is_file():
+            bar.describe(f"{arm.label}: linear response over [{t0}, {t0 + 2 * arm.cfg.T})")
+        out[t0] = _cached(path, lambda t0=t0: _response_at(arm, domains, t0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 4: predictions beside the observations
+# --------------------------------------------------------------------------------------------------
+def _observed(antis: Sequence[float]) -> dict[str, Any]:
+    """Mean ± stderr of the replicates' antisymmetric excess; significant when |mean/se| exceeds the
+    two-sided 95 % Student-t quantile with R − 1 degrees of freedom (never with one replicate)."""
+    from commute.scores import t_threshold
+
+    R = len(antis)
+    mean = float(sum(antis) / R)
+    se = float(torch.tensor(antis, dtype=torch.float64).std().item() / math.sqrt(R)) if R > 1 else math.nan
+    t = mean / se if R > 1 and se > 0 else math.nan
+    return {"mean": mean, "stderr": se, "n": R, "t": t,
+            "significant": bool(R > 1 and se > 0 and abs(t) > t_threshold(R - 1))}
+
+
+def _scaled(e: Mapping[str, Any], dw: float) -> dict[str, float]:
+    return {"mean": float(e["mean"]) * dw, "stderr": float(e["stderr"]) * dw}
+
+
+def predict(arm: Arm, cells: Sequence[Cell], estimates: Sequence[CheckpointEstimate],
+            responses: Mapping[int, Mapping[str, Any]] | None = None) -> list[Cell]:
+    """Fill each cell's locality number γ·T·λ_max and, per target domain, the observation (mean ± stderr
+    over replicates of (EL^12 − EL^21)/2, :func:`commute.bracket.antisymmetric_excess`) and the four
+    predictors, each with its stderr: the bracket γ²ΔwT²P (:func:`commute.bracket.intervention_excess`),
+    the linear response and the first-order alignment baseline (Σ δw·G, with and without curvature), and
+    the recency rule (sign only: the domain boosted last ends better)."""
     by_step = {e.step: e for e in estimates}
     T = arm.cfg.T
+    d1, d2 = arm.cfg.pair_names
+    responses = responses or {}
     for c in cells:
         e = by_step[c.t0]
         c.locality = arm.lr * T * e.lambda_max
         c.per_domain = {}
+        reps = c.replicates or [{"L12": c.L12, "L21": c.L21}]
         for k in arm.cfg.domain_names:
             el12, el21 = c.L12[k] - c.L_base[k], c.L21[k] - c.L_base[k]
+            obs = _observed([antisymmetric_excess(r["L12"][k] - c.L_base[k], r["L21"][k] - c.L_base[k])
+                             for r in reps])
+            anti = obs["mean"]
             pm, ps = e.P[k]["mean"], e.P[k]["stderr"]
             pred = intervention_excess(pm, c.delta_w, T, e.gamma)
-            anti = antisymmetric_excess(el12, el21)
-            c.per_domain[k] = {"EL12": el12, "EL21": el21, "antisym": anti, "pred": pred,
-                               "pred_stderr": intervention_excess(ps, c.delta_w, T, e.gamma),
-                               "z": pm / ps if ps > 0 else math.nan, "agree": bool(pred * anti > 0)}
+            preds: dict[str, Any] = {
+                "bracket": {"mean": pred, "stderr": intervention_excess(ps, c.delta_w, T, e.gamma)},
+                "recency": {"mean": 1.0 if k == d1 else -1.0 if k == d2 else None, "stderr": None},
+            }
+            if c.t0 in responses:
+                u = responses[c.t0]["unit"][k]
+                preds["response"] = _scaled(u["response"], c.delta_w)
+                preds["alignment"] = _scaled(u["alignment"], c.delta_w)
+            c.per_domain[k] = {"EL12": el12, "EL21": el21, "antisym": anti, "observed": obs, "pred": pred,
+                               "pred_stderr": preds["bracket"]["stderr"],
+                               "z": pm / ps if ps > 0 else math.nan, "agree": bool(pred * anti > 0),
+                               "predictions": preds}
             if e.gamma_eff is not None:
                 c.per_domain[k]["pred_gamma_eff"] = intervention_excess(pm, c.delta_w, T, e.gamma_eff)
     return list(cells)
@@ -496,10 +623,12 @@ def run_arm(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]
     base = evaluate_base(arm, val)
     cells = run_branches(arm, domains, val, base, bar, log)
     estimates = estimate_checkpoints(arm, domains, base, bar)
+    responses = estimate_response(arm, domains, bar)
     return ArmResult(optimizer=arm.optimizer, variant=arm.variant.name, base=dict(arm.variant.base),
                      lr=arm.lr, T=arm.cfg.T, gamma_rule=_GAMMA_RULE[arm.optimizer], run_dir=str(arm.run_dir),
                      base_curve=[base[t] for t in arm.targets], checkpoints=estimates,
-                     cells=predict(arm, cells, estimates))
+                     responses=[responses[t] for t in sorted(responses)],
+                     cells=predict(arm, cells, estimates, responses))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,7 +654,7 @@ def run_locality(cfg: StudyConfig, domains: Mapping[str, Any], out: Path, device
         with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
             res = locality_sweep(ck.model, batches, var.base, lc.delta_w, lc.T_grid,
                                  lr_times_lambda=lc.lr_times_lambda, lambda_iters=cfg.lambda_iters,
-                                 progress=log)
+                                 progress=log, response=lc.response, pair=cfg.pair_names)
         res["source"] = f"the {lc.optimizer} {var.name} base checkpoint at step {t0}"
         res["batch_size"] = lc.batch_size
         return res
@@ -606,7 +735,8 @@ def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path |
         bar.describe("study: training done; locality sweep (float64, full batch, not counted in steps)")
         locality = run_locality(cfg, domains, out, device, log)
         bar.describe("study: done")
-    data: dict[str, Any] = {"config": cfg.to_dict(), "domains": list(cfg.domain_names), "arms": arms,
+    data: dict[str, Any] = {"config": cfg.to_dict(), "domains": list(cfg.domain_names),
+                            "pair": list(cfg.pair_names), "arms": arms,
                             "locality": locality}
     data["summary"] = summarise(data)
     write_json(out / "results.json", data)

@@ -19,7 +19,8 @@ from commute.errors import CommuteError
 from commute.io import atomic_write
 from commute.schedule import check_delta_w
 
-__all__ = ["VariantConfig", "LocalityConfig", "StudyConfig", "PRESETS", "get_preset", "config_hash"]
+__all__ = ["VariantConfig", "LocalityConfig", "ResponseConfig", "StudyConfig", "PRESETS", "get_preset",
+           "config_hash"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,9 +43,20 @@ class LocalityConfig:
     optimizer: str = "sgd"  # whose balanced base checkpoint to start from
     t0_index: int = -1  # which t0 of that run (index into StudyConfig.t0s)
     T_grid: list[int] = field(default_factory=lambda: [40, 20, 10, 5])
-    lr_times_lambda: float = 0.001  # γ = this / λ_max, so γ·T·λ_max = this · T
+    lr_times_lambda: float | list[float] = 0.001  # γ = this / λ_max (each, if a list): γ·T·λ_max = this · T
     delta_w: float = 0.3
     batch_size: int = 8  # sequences per domain in the fixed full batch
+    response: bool = True  # also the exact linear response of the GD map (docs/design.md §1b)
+
+
+@dataclass
+class ResponseConfig:
+    """The schedule's linear response on the real runs (:class:`commute.response.ResponseEstimator`):
+    per (arm, t0) one adjoint sweep over the base window [t0, t0 + 2T) replayed from the checkpoint."""
+
+    enabled: bool = True
+    n_groups: int = 2  # independent groups of fresh batches (stderr over groups)
+    batch_size: int = 10  # fresh sequences per domain per step per group
 
 
 @dataclass
@@ -57,6 +69,7 @@ class StudyConfig:
 
     preset: str = "tiny"
     domains: dict[str, str] = field(default_factory=lambda: {"en": "fortunes:en", "ru": "fortunes:ru"})
+    pair: list[str] | None = None  # the two domains the interventions trade weight (default: the first two)
     tokenizer: str = "byte"
     model_preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +96,8 @@ class StudyConfig:
     lambda_iters: int = 20
     lambda_batch_size: int = 16
     locality: LocalityConfig = field(default_factory=LocalityConfig)
+    replicates: int = 1  # sampler seeds per θ12/θ21 pair (the study's own + fresh ones): observed mean ± se
+    response: ResponseConfig = field(default_factory=ResponseConfig)
     seed: int = 0
     threads: int = 0  # torch CPU threads for the study (0 = torch's default); no effect on the cache keys
     train_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields
@@ -92,12 +107,22 @@ class StudyConfig:
         self.variants = [v if isinstance(v, VariantConfig) else VariantConfig(**v) for v in self.variants]
         if not isinstance(self.locality, LocalityConfig):
             self.locality = LocalityConfig(**self.locality)
+        if not isinstance(self.response, ResponseConfig):
+            self.response = ResponseConfig(**self.response)
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`CommuteError` with one sentence for an inconsistent study."""
-        if len(self.domains) != 2:
-            raise CommuteError(f"The bilingual study needs exactly 2 domains, got {len(self.domains)}.")
+        if len(self.domains) < 2:
+            raise CommuteError(f"The study needs at least 2 domains, got {len(self.domains)}.")
+        if self.pair is not None and (len(self.pair) != 2 or len(set(self.pair)) != 2
+                                      or not set(self.pair) <= set(self.domains)):
+            raise CommuteError(f"pair must name two different domains of {sorted(self.domains)}, "
+                               f"got {self.pair!r}.")
+        if not isinstance(self.replicates, int) or self.replicates < 1:
+            raise CommuteError(f"replicates must be an integer >= 1, got {self.replicates!r}.")
+        if self.response.n_groups < 2 or self.response.batch_size < 1:
+            raise CommuteError("response.n_groups must be >= 2 (for a stderr) and response.batch_size >= 1.")
         for o in self.optimizers:
             if o not in ("adam", "sgd"):
                 raise CommuteError(f"Unknown optimizer {o!r} in the study; use 'adam' and/or 'sgd'.")
@@ -111,14 +136,14 @@ class StudyConfig:
                 raise CommuteError(
                     f"Variant {v.name!r} weights {sorted(v.base)} do not match domains {sorted(names)}."
                 )
-            d1, d2 = tuple(self.domains)
+            d1, d2 = self.pair_names
             for dw in v.delta_ws:
                 if not dw > 0:
                     raise CommuteError(f"Variant {v.name!r}: delta_w must be > 0, got {dw}.")
                 check_delta_w(v.base, d1, d2, dw, where=f"Variant {v.name!r}: ")
         if self.locality.enabled and self.variants:
             lv = _locality_variant(self)
-            d1, d2 = tuple(self.domains)
+            d1, d2 = self.pair_names
             if not self.locality.delta_w > 0:
                 raise CommuteError(f"locality.delta_w must be > 0, got {self.locality.delta_w}.")
             check_delta_w(lv.base, d1, d2, self.locality.delta_w,
@@ -139,8 +164,14 @@ class StudyConfig:
             )
 
     @property
-    def domain_names(self) -> tuple[str, str]:
-        d = tuple(self.domains)
+    def domain_names(self) -> tuple[str, ...]:
+        """Every domain (each is a target of the predictions)."""
+        return tuple(self.domains)
+
+    @property
+    def pair_names(self) -> tuple[str, str]:
+        """(d1, d2): θ12 boosts d1 first, θ21 boosts d2 first."""
+        d = tuple(self.pair) if self.pair else tuple(self.domains)[:2]
         return d[0], d[1]
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,7 +230,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "est_batch_size": 16,
         "n_groups": 6,
         "lambda_iters": 15,
-        "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": 0.001, "delta_w": 0.3, "batch_size": 8},
+        "replicates": 3,
+        "response": {"n_groups": 2, "batch_size": 10},
+        "locality": {"T_grid": [20, 10, 5], "lr_times_lambda": [0.001, 0.05, 1.0], "delta_w": 0.3,
+                     "batch_size": 8},
     },
     "small": {
         "preset": "small",
@@ -224,7 +258,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "est_batch_size": 32,
         "n_groups": 10,
         "lambda_iters": 20,
-        "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": 0.001, "delta_w": 0.3, "batch_size": 16},
+        "replicates": 5,
+        "response": {"n_groups": 2, "batch_size": 10},
+        "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": [0.001, 0.05, 0.5], "delta_w": 0.3,
+                     "batch_size": 16},
     },
     "paper": {
         "preset": "paper",
@@ -244,7 +281,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_hvp_batches": 100,
         "est_batch_size": 6,
         "lambda_iters": 20,
-        "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": 0.001, "delta_w": 0.3, "batch_size": 8},
+        "replicates": 3,
+        "response": {"n_groups": 2, "batch_size": 6},
+        "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": [0.001, 0.05, 0.5], "delta_w": 0.3,
+                     "batch_size": 8},
     },
 }
 

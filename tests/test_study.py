@@ -68,10 +68,19 @@ def _synthetic(seed: int = 0) -> dict:
                     for k in d:
                         pred = intervention_excess(P[k]["mean"], dw, 5, 0.01)
                         anti = 0.5 * ((L12[k] - Lb[k]) - (L21[k] - Lb[k]))
+                        se = abs(anti) / rng.uniform(0.5, 10)
                         pd[k] = {"EL12": L12[k] - Lb[k], "EL21": L21[k] - Lb[k], "antisym": anti,
                                  "pred": pred,
                                  "pred_stderr": intervention_excess(P[k]["stderr"], dw, 5, 0.01),
-                                 "z": P[k]["mean"] / P[k]["stderr"], "agree": pred * anti > 0}
+                                 "z": P[k]["mean"] / P[k]["stderr"], "agree": pred * anti > 0,
+                                 "observed": {"mean": anti, "stderr": se, "n": 3, "t": anti / se,
+                                              "significant": abs(anti / se) > 4.303},
+                                 "predictions": {
+                                     "bracket": {"mean": pred, "stderr": abs(pred) / 3},
+                                     "response": {"mean": anti * rng.uniform(0.3, 3) * rng.choice([1, 1, -1]),
+                                                  "stderr": abs(anti) / 5},
+                                     "alignment": {"mean": rng.gauss(0, 0.01), "stderr": 0.001},
+                                     "recency": {"mean": 1.0 if k == "en" else -1.0, "stderr": None}}}
                     cells.append({"t0": t0, "delta_w": dw, "T": 5, "L_t0": L, "L_base": Lb, "L12": L12,
                                   "L21": L21, "tokens_match": True, "locality": 0.25, "per_domain": pd})
             curve = [{"step": s, "L": {k: 3 - s / 100 for k in d}} for s in (10, 20, 30)]
@@ -90,11 +99,12 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
     data["summary"] = summarise(data)
     path = render_report(data, tmp_path)
     md = path.read_text()
-    for needle in ("## Summary", "EL1^12", "EL2^21", "pred EL1^12", "antisym 1", "γTλ_max",
-                   "Table 4 analogue", "Locality sweep", "Table 2", "Table 3",
-                   "adam / imbalanced (0.9, 0.1)"):
+    for needle in ("## Which predictor to trust", "## The bracket in detail", "EL^12", "EL^21",
+                   "observed (EL^12−EL^21)/2 ± se (R)", "response ± se", "bracket ± se", "γTλ_max",
+                   "Table 4 analogue", "Locality sweep", "Table 2", "Table 3", "adam / imbalanced (0.9, 0.1)",
+                   "linear response Σδw·G", "Spearman ρ"):
         assert needle in md, needle
-    for f in ("loss_planes.png", "pred_vs_obs.png", "locality.png"):
+    for f in ("loss_planes.png", "pred_vs_obs.png", "locality.png", "predictors.png"):
         assert (tmp_path / f).stat().st_size > 10_000, f
     rows = (tmp_path / "cells.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4 * 2 * 2 * 2  # header + arms × t0 × Δw × domains
@@ -105,6 +115,31 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
         agree = sum(float(r[13]) * float(r[12]) > 0 for r in mine)
         assert data["summary"]["arms"][key]["agree"] == agree
         assert data["summary"]["arms"][key]["n"] == len(mine)
+
+
+def test_predictor_scores_against_an_independent_count() -> None:
+    """score_predictors on significant cells: sign counts, Spearman as the Pearson correlation of ranks,
+    median and worst fold of observed/predicted, recomputed here with numpy."""
+    data = _synthetic(3)
+    sp = summarise(data)["predictors"]
+    for group, keep in (("all", lambda arm, d: True), ("sgd", lambda arm, d: arm["optimizer"] == "sgd"),
+                        ("all: L=ru", lambda arm, d: d == "ru")):
+        cells = [pd for arm in data["arms"] for c in arm["cells"] for d, pd in c["per_domain"].items()
+                 if keep(arm, d) and pd["observed"]["significant"]]
+        assert 3 <= len(cells) < sum(len(a["cells"]) * 2 for a in data["arms"])
+        obs = np.array([pd["observed"]["mean"] for pd in cells])
+        for name in ("response", "bracket", "alignment", "recency"):
+            pred = np.array([pd["predictions"][name]["mean"] for pd in cells])
+            got = sp["groups"][group][name]
+            assert got["n"] == len(cells) and got["sign_right"] == int((pred * obs > 0).sum())
+            rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731  (no ties in these data)
+            if name != "recency":
+                assert got["spearman"] == pytest.approx(np.corrcoef(rank(pred), rank(obs))[0, 1])
+                assert got["median_ratio"] == pytest.approx(np.median(obs / pred))
+                r = np.abs(obs / pred)
+                assert got["max_fold"] == pytest.approx(max(r.max(), (1 / r).max()))
+            else:
+                assert math.isnan(got["median_ratio"])
 
 
 def test_summary_checkpoint_criterion() -> None:
@@ -200,8 +235,12 @@ def test_preset_yaml_files_match_presets_and_round_trip(name: str, tmp_path: Pat
 
 
 def test_bad_configs_raise_one_sentence() -> None:
-    with pytest.raises(CommuteError, match="exactly 2 domains"):
+    with pytest.raises(CommuteError, match="at least 2 domains"):
         StudyConfig(domains={"en": "x"})
+    with pytest.raises(CommuteError, match="pair must name"):
+        StudyConfig(domains={"en": "x", "ru": "y", "de": "z"}, pair=["en", "fr"])
+    with pytest.raises(CommuteError, match="replicates"):
+        StudyConfig(replicates=0)
     with pytest.raises(CommuteError, match="outside"):
         StudyConfig(variants=[{"name": "v", "base": {"en": 0.9, "ru": 0.1}, "delta_ws": [0.2]}])
     with pytest.raises(CommuteError, match="Unknown study config field"):
@@ -231,6 +270,31 @@ def test_locality_sweep_ratio_tends_to_one() -> None:
                    for r in res["rows"])
 
 
+def test_locality_sweep_response_holds_where_the_bracket_fails() -> None:
+    """Far outside the local regime (γTλ_max = 10, deterministic float64 GD from a trained point), the
+    exact linear response predicts the observed antisymmetric excess within 0.1 % at Δw = 0.02, while the
+    bracket's ratio is near 0 (the expansion has long broken down)."""
+    from commute.model import build_model, lm_loss
+
+    torch.manual_seed(0)
+    model = build_model("tiny", n_layer=1, n_embd=16, n_head=2, n_positions=16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    batches = {"a": [torch.randint(0, 128, (3, 16), generator=g)],
+               "b": [torch.randint(96, 256, (3, 16), generator=g)]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(60):  # to a point where the top curvature is positive (a minimum's neighbourhood)
+        opt.zero_grad()
+        (0.5 * lm_loss(model, batches["a"][0]) + 0.5 * lm_loss(model, batches["b"][0])).backward()
+        opt.step()
+    res = locality_sweep(model, batches, {"a": 0.5, "b": 0.5}, 0.02, [10], lr_times_lambda=[1.0],
+                         lambda_iters=30)
+    (row,) = res["rows"]
+    assert res["lambda_max"] > 0 and row["locality"] == pytest.approx(10.0)
+    for k in ("a", "b"):
+        assert row[k]["ratio_response"] == pytest.approx(1.0, abs=1e-3), k
+        assert abs(row[k]["ratio"]) < 0.1, k
+
+
 # --------------------------------------------------------------------------------------------------
 # micro end to end, then a cached re-run that must not train
 # --------------------------------------------------------------------------------------------------
@@ -246,8 +310,8 @@ def _micro_config(root: Path) -> StudyConfig:
         t0s=[4], T=2, extra_p_steps=[2],
         variants=[{"name": "balanced", "base": {"a": 0.5, "b": 0.5}, "delta_ws": [0.25]}],
         n_val_batches=2, val_batch_size=4, n_grad_batches=4, n_hvp_batches=2, est_batch_size=4, n_groups=2,
-        lambda_iters=3, lambda_batch_size=4,
-        locality={"T_grid": [2, 1], "batch_size": 2, "lr_times_lambda": 0.01}))
+        lambda_iters=3, lambda_batch_size=4, replicates=2, response={"n_groups": 2, "batch_size": 2},
+        locality={"T_grid": [2, 1], "batch_size": 2, "lr_times_lambda": [0.01, 0.5]}))
 
 
 def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,7 +333,21 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
         for k in ("a", "b"):
             p = cell["per_domain"][k]
             assert p["EL12"] == pytest.approx(cell["L12"][k] - cell["L_base"][k])
-            assert p["antisym"] == pytest.approx(0.5 * (p["EL12"] - p["EL21"]))
+            # the observation: mean ± stderr over the replicates (the run's own sampler seed, then fresh)
+            reps = cell["replicates"]
+            assert [r["seed"] is None for r in reps] == [True, False] and reps[0]["L12"] == cell["L12"]
+            antis = [0.5 * (r["L12"][k] - r["L21"][k]) for r in reps]
+            assert antis[0] == pytest.approx(0.5 * (p["EL12"] - p["EL21"]))
+            assert antis[0] != antis[1]  # a fresh sampler seed is another realisation of the window
+            assert p["antisym"] == pytest.approx(np.mean(antis))
+            assert p["observed"]["stderr"] == pytest.approx(np.std(antis, ddof=1) / math.sqrt(2))
+            preds = p["predictions"]
+            assert set(preds) == {"bracket", "response", "alignment", "recency"}
+            assert preds["recency"]["mean"] == (1.0 if k == "a" else -1.0)
+            resp = next(r for r in arm["responses"] if r["step"] == 4)
+            for name in ("response", "alignment"):  # linear in Δw = 0.25, per unit from the response stage
+                assert preds[name]["mean"] == pytest.approx(0.25 * resp["unit"][k][name]["mean"])
+                assert preds[name]["stderr"] == pytest.approx(0.25 * resp["unit"][k][name]["stderr"])
             ck = next(c for c in arm["checkpoints"] if c["step"] == 4)
             assert p["pred"] == pytest.approx(ck["gamma"] ** 2 * 0.25 * 4 * ck["P"][k]["mean"])
             assert math.isfinite(p["pred_stderr"]) and p["pred_stderr"] >= 0
@@ -278,6 +356,7 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
 
     # a re-run finds everything cached: no training, no estimation, same numbers
     import commute.estimate
+    import commute.response
     import commute.train
 
     def boom(*a, **k):
@@ -285,13 +364,14 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(commute.train, "train", boom)
     monkeypatch.setattr(commute.estimate.BracketEstimator, "estimate", boom)
+    monkeypatch.setattr(commute.response.ResponseEstimator, "estimate", boom)
     again = run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
     assert again.data["arms"] == json.loads(json.dumps(res.data["arms"]))
     assert again.data["summary"] == res.data["summary"]
 
     # an unfinished branch (its result missing, e.g. killed mid-run) is the only thing redone, identically
     monkeypatch.undo()
-    (branch,) = [p for p in (out / "runs").glob("sgd-*/branches/*-21-*") if (p / "result.json").is_file()]
+    (branch,) = [p for p in (out / "runs").glob("sgd-*/branches/*-21-s*") if (p / "result.json").is_file()]
     (branch / "result.json").unlink()
     calls: list[str] = []
     real_train = commute.train.train
@@ -314,3 +394,35 @@ def test_study_cli_report_rerender(tmp_path: Path) -> None:
     assert main(["study", "report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").is_file()
     assert main(["study", "report", str(tmp_path / "nowhere")]) != 0
+
+
+def test_three_domain_micro_study(tmp_path: Path) -> None:
+    """K = 3: interventions trade weight between the chosen pair and leave the third domain's tokens alone;
+    every domain is a target of every predictor (recency has none for the third); the report renders."""
+    cfg = _micro_config(tmp_path)
+    (tmp_path / "c.txt").write_text("\n\n".join("".join(random.Random(i).choice("klmn op") for _ in range(90))
+                                                for i in range(120)))
+    cfg = StudyConfig.from_dict({
+        **cfg.to_dict(), "domains": {**cfg.domains, "c": str(tmp_path / "c.txt")}, "pair": ["b", "c"],
+        "optimizers": ["sgd"],
+        "variants": [{"name": "balanced", "base": {"a": 0.5, "b": 0.25, "c": 0.25}, "delta_ws": [0.25]}],
+        "locality": {**cfg.to_dict()["locality"], "optimizer": "sgd", "lr_times_lambda": 0.01,
+                     "delta_w": 0.2},
+    })
+    res = run_bilingual_study(config=cfg, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                              progress=False)
+    data = res.data
+    assert data["domains"] == ["a", "b", "c"] and data["pair"] == ["b", "c"]
+    (arm,) = data["arms"]
+    (cell,) = arm["cells"]
+    assert set(cell["per_domain"]) == {"a", "b", "c"}
+    rec = {k: cell["per_domain"][k]["predictions"]["recency"]["mean"] for k in "abc"}
+    assert rec == {"a": None, "b": 1.0, "c": -1.0}
+    # the tokens of the third domain are untouched by a b/c intervention
+    assert cell["tokens"]["12"]["a"] == cell["tokens"]["base"]["a"] == cell["tokens"]["21"]["a"]
+    for k in "abc":
+        assert math.isfinite(cell["per_domain"][k]["predictions"]["response"]["mean"])
+    loc = data["locality"]
+    assert loc["pair"] == ["b", "c"] and set(loc["P"]) == {"a", "b", "c"}
+    md = res.report_path.read_text()
+    assert "interventions trade weight between 1 = `b` and 2 = `c`" in md
