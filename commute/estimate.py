@@ -71,6 +71,7 @@ from commute.curvature import math_attention
 from commute.errors import CommuteError
 from commute.io import atomic_write
 from commute.progress import Progress
+from commute.schedule import check_delta_w
 
 __all__ = ["Estimate", "BracketEstimator", "BracketReport", "TournamentReport", "LossFn", "DEFAULT_MIX_NAME"]
 
@@ -642,10 +643,7 @@ class BracketReport:
             raise CommuteError(f"weights must be non-negative and sum to 1, got {w.tolist()}.")
         if steps < 0 or lr <= 0:
             raise CommuteError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}.")
-        for idx in (ii, jj):
-            if not (0.0 <= w[idx] - abs(delta_w) and w[idx] + abs(delta_w) <= 1.0):
-                raise CommuteError(f"delta_w={delta_w} pushes the weight of {self.domains[idx]!r} "
-                                   f"({w[idx]:g}) outside [0, 1].")
+        check_delta_w(dict(zip(self.domains, w.tolist(), strict=True)), i, j, delta_w)
         a = self._coefficients(target)
         per_pair = self.p_groups @ a  # [G, K, K]: P(k, l; target) per group
         pxy = np.einsum("k,gk->g", w, per_pair[:, ii, :] - per_pair[:, jj, :])
