@@ -43,3 +43,12 @@ def test_step_size_changing_overrides_are_refused(override):
 
 def test_neutral_overrides_are_accepted():
     StudyConfig.from_dict(_cfg(train_overrides={"momentum": 0.0, "lr_schedule": "constant"}))
+
+
+def test_three_language_example_config_loads():
+    """The documented K = 3 example: three fortunes languages, interventions between en and ru."""
+    from pathlib import Path
+
+    cfg = StudyConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "study_tiny_3lang.yaml")
+    assert cfg.domain_names == ("en", "ru", "de") and cfg.pair_names == ("en", "ru")
+    assert all(set(v.base) == {"en", "ru", "de"} for v in cfg.variants)

@@ -28,6 +28,7 @@ class _Opt(StrEnum):
     both = "both"
 
 
+@study_app.command("run")
 @study_app.command("bilingual")
 def bilingual(
     preset: _Preset = typer.Option(_Preset.tiny, help="tiny (~15 min on 2 CPU cores), small (~2 h), "
@@ -41,7 +42,8 @@ def bilingual(
     cache_dir: Path | None = typer.Option(None, help="Corpus and token cache (default ~/.cache/commute)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """English/Russian fortunes: does the order of the two languages matter, and does P predict it?"""
+    """Does the order of two domains matter, and which predictor says so? (`bilingual`: English/Russian
+    fortunes presets; `run --config`: any K domains, e.g. configs/study_tiny_3lang.yaml.)"""
     from commute.study import run_bilingual_study
 
     if config is not None and not config.is_file():
