@@ -66,9 +66,12 @@ def check_weights(
     for k, v in weights.items():
         if not isinstance(k, str) or not k:
             raise CommuteError(f"{where} has a domain name that is not a non-empty string: {k!r}.")
+        if isinstance(v, bool):  # YAML's true/false are not 1 and 0
+            raise CommuteError(f"{where} gives domain {k!r} the weight {str(v).lower()} (a boolean); weights "
+                               "must be numbers.")
         try:
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise CommuteError(f"{where} gives domain {k!r} the non-numeric weight {v!r}.") from None
         if not math.isfinite(f):
             raise CommuteError(f"{where} gives domain {k!r} the non-finite weight {v!r}.")
@@ -98,7 +101,9 @@ def _union_domains(ws: Sequence[Mapping[str, float]]) -> tuple[str, ...]:
 
 
 def _check_step(x: Any, name: str, minimum: int = 0) -> int:
-    if isinstance(x, bool) or not isinstance(x, int | float) or x != int(x) or int(x) < minimum:
+    ok = (not isinstance(x, bool) and isinstance(x, int | float)
+          and (isinstance(x, int) or (math.isfinite(x) and x == int(x))) and x >= minimum)
+    if not ok:
         raise CommuteError(f"{name} must be an integer >= {minimum}, got {x!r}.")
     return int(x)
 
@@ -153,6 +158,8 @@ class Schedule(ABC):
         if not isinstance(d, Mapping) or "type" not in d:
             raise CommuteError(f"a schedule description must be a mapping with a 'type' key, got {d!r}.")
         kind = d["type"]
+        if not isinstance(kind, str):
+            raise CommuteError(f"the schedule type must be a name such as 'constant', got {kind!r}.")
         cls = Schedule._registry.get(kind)
         if cls is None:
             raise CommuteError(
@@ -326,6 +333,8 @@ class Intervention(Schedule):
         self.base = check_weights(base, where="the intervention's base weights")
         self.domains = tuple(self.base)
         for name, d in (("first", first), ("second", second)):
+            if not isinstance(d, str):
+                raise CommuteError(f"the intervention's {name} domain must be a domain name, got {d!r}.")
             if d not in self.base:
                 raise CommuteError(
                     f"the intervention's {name} domain {d!r} is not in its base weights "
@@ -458,7 +467,10 @@ def load_schedule(path: str | Path) -> Schedule:
     s = _suffix(path)
     if not path.is_file():
         raise CommuteError(f"schedule file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommuteError(f"schedule file {str(path)!r} is not UTF-8 text (byte {exc.start}).") from None
     try:
         if s == ".json":
             d = json.loads(text)
@@ -466,6 +478,8 @@ def load_schedule(path: str | Path) -> Schedule:
             import yaml
 
             d = yaml.safe_load(text)
+    except RecursionError:
+        raise CommuteError(f"schedule file {str(path)!r} is nested too deeply to read.") from None
     except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CommuteError(f"schedule file {str(path)!r} is not valid {s[1:].upper()}: {msg}.") from None
