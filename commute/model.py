@@ -23,6 +23,9 @@ float64 model gives a float64 loss:
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from typing import Any
 
 import torch
@@ -31,7 +34,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from commute.errors import CommuteError
 
-__all__ = ["PRESETS", "build_model", "model_config", "sequence_losses", "lm_loss", "count_parameters"]
+__all__ = ["PRESETS", "build_model", "model_config", "check_overrides", "parameter_bytes", "sequence_losses",
+           "lm_loss", "count_parameters"]
 
 #: GPT2Config keyword arguments of each preset (sizes only; see :func:`build_model` for the rest).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -67,22 +71,103 @@ def model_config(
     safe for Hessian-vector products) or ``"sdpa"`` (faster; HVPs then need the MATH backend,
     docs/design.md §2).
     """
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise CommuteError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    if attn_implementation not in _ATTN:
+    if not isinstance(attn_implementation, str) or attn_implementation not in _ATTN:
         raise CommuteError(
             f"Unknown attention implementation {attn_implementation!r}; choose one of {', '.join(_ATTN)}."
         )
-    kwargs: dict[str, Any] = {**_COMMON, **PRESETS[preset], "vocab_size": int(vocab_size)}
+    kwargs: dict[str, Any] = {**_COMMON, **PRESETS[preset]}
+    sizes = {"vocab_size": _int_like(vocab_size)}
     if n_ctx is not None:
-        kwargs["n_positions"] = int(n_ctx)
-    unknown = sorted(k for k in overrides if not hasattr(GPT2Config(), k))
-    if unknown:
-        raise CommuteError(f"Unknown GPT-2 config field(s) {', '.join(unknown)} in the model overrides.")
-    kwargs.update(overrides)
+        sizes["n_positions"] = _int_like(n_ctx)
+    kwargs.update(check_overrides({**sizes, **overrides}))
     if kwargs["n_embd"] % kwargs["n_head"] != 0:
         raise CommuteError(f"n_embd={kwargs['n_embd']} is not divisible by n_head={kwargs['n_head']}.")
-    return GPT2Config(attn_implementation=attn_implementation, **kwargs)
+    try:
+        return GPT2Config(attn_implementation=attn_implementation, **kwargs)
+    except Exception as exc:  # transformers' own field validation: one line of it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        raise CommuteError(f"the model overrides are not a valid GPT-2 config ({first}).") from None
+
+
+def _int_like(v: Any) -> Any:
+    """Python and numpy integers as int (booleans and everything else unchanged, for the checks)."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+
+#: integer size fields of GPT2Config and their largest allowed values (beyond them a typo asks for terabytes)
+_SIZES = {"n_layer": 4096, "n_embd": 65536, "n_head": 65536, "n_positions": 2**20, "vocab_size": 2**24}
+_PROBABILITIES = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
+
+
+def check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """GPT2Config keyword arguments checked for type and range, one :class:`CommuteError` sentence naming
+    the first bad field (``model_overrides.<field>``); float fields given as integers become floats."""
+    from transformers.activations import ACT2FN
+
+    default = GPT2Config()
+    unknown = sorted(str(k) for k in overrides if not isinstance(k, str) or not hasattr(default, k))
+    if unknown:
+        raise CommuteError(f"Unknown GPT-2 config field(s) {', '.join(unknown)} in the model overrides.")
+    out: dict[str, Any] = {}
+    for k, v in overrides.items():
+        name = f"model_overrides.{k}"
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        is_num = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if k in _SIZES:
+            if not (is_int and 1 <= v <= _SIZES[k]):
+                raise CommuteError(f"{name} must be an integer from 1 to {_SIZES[k]:,}, got {v!r}.")
+        elif k == "n_inner":
+            if v is not None and not (is_int and 1 <= v <= 2**20):
+                raise CommuteError(f"{name} must be null (4 × n_embd) or an integer from 1 to {2**20:,}, "
+                                   f"got {v!r}.")
+        elif k in _PROBABILITIES:
+            if not (is_num and 0 <= v <= 1):
+                raise CommuteError(f"{name} must be a probability in [0, 1], got {v!r}.")
+            v = float(v)
+        elif k == "layer_norm_epsilon":
+            if not (is_num and v > 0):
+                raise CommuteError(f"{name} must be a finite number > 0, got {v!r}.")
+            v = float(v)
+        elif k == "initializer_range":
+            if not (is_num and v >= 0):
+                raise CommuteError(f"{name} must be a finite number >= 0, got {v!r}.")
+            v = float(v)
+        elif k == "activation_function":
+            if not (isinstance(v, str) and v in ACT2FN):
+                raise CommuteError(f"{name} must be an activation such as gelu_new, gelu or relu, got {v!r}.")
+        else:  # any other field: the type of GPT2Config's default
+            d = getattr(default, k)
+            if isinstance(d, bool) and not isinstance(v, bool):
+                raise CommuteError(f"{name} must be true or false, got {v!r}.")
+            token_id = v is None and k.endswith("_id")
+            if isinstance(d, int) and not isinstance(d, bool) and not (is_int or token_id):
+                raise CommuteError(f"{name} must be an integer, got {v!r}.")
+            if isinstance(d, float):
+                if not is_num:
+                    raise CommuteError(f"{name} must be a finite number, got {v!r}.")
+                v = float(v)
+            if isinstance(d, str) and not isinstance(v, str):
+                raise CommuteError(f"{name} must be a string, got {v!r}.")
+        out[k] = v
+    return out
+
+
+def parameter_bytes(config: GPT2Config, dtype: torch.dtype) -> int:
+    """Approximate bytes of a GPT-2's weights: embeddings and, per block, attention, MLP and norms."""
+    d, n_layer = config.n_embd, config.n_layer
+    inner = config.n_inner or 4 * d
+    n = (config.vocab_size + config.n_positions) * d + 2 * d
+    n += n_layer * (4 * d * d + 4 * d + 2 * d * inner + inner + d + 4 * d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
 
 
 def build_model(
@@ -98,7 +183,17 @@ def build_model(
     Initialisation uses the global torch RNG (seed it with ``torch.manual_seed`` for reproducibility).
     """
     config = model_config(preset, vocab_size, n_ctx, attn_implementation, **overrides)
-    model = GPT2LMHeadModel(config)
+    need, have = parameter_bytes(config, torch.float32), _physical_memory()
+    if have is not None and need > have:
+        raise CommuteError(f"the model would need about {need / 2**30:,.1f} GiB for its weights alone, "
+                           f"more than this machine's {have / 2**30:,.1f} GiB; choose a smaller model.")
+    try:
+        model = GPT2LMHeadModel(config)
+    except (RuntimeError, MemoryError) as exc:
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+            raise
+        raise CommuteError(f"out of memory while building the model ({need / 2**30:,.1f} GiB of weights); "
+                           "choose a smaller model.") from None
     return model.to(dtype=dtype)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,45 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
           "float16": torch.float16}
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _LR_SCHEDULES = ("constant", "cosine", "linear")
+_SEED_MAX = 2**64 - 1  #: torch.manual_seed takes seeds up to 2^64 - 1
+#: upper bounds that keep a typo from asking for terabytes (checked before anything is allocated)
+MAX_VOCAB = 2**24
+MAX_BATCH_TOKENS = 2**26  #: batch_size * seq_len of one micro-batch (512 MiB of int64 token ids)
+MAX_EVAL_TOKENS = 2**26  #: eval_batches * batch_size * seq_len, the validation tokens held per domain
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, dict | list):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+def check_unique_keys(text: str, where: str) -> None:
+    """Refuse a YAML mapping that gives a key twice (``yaml.safe_load`` silently keeps the last one).
+
+    Walks the node graph of ``yaml.compose`` with the safe loader (nothing is constructed); raises a
+    one-sentence :class:`CommuteError` naming the key and its line.
+    """
+    import yaml
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    stack, seen = [root] if root is not None else [], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:  # aliases share nodes
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[Any] = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in keys:
+                        raise CommuteError(f"{where} gives {k.value!r} twice (line {k.start_mark.line + 1}); "
+                                           "keep one.")
+                    keys.add(k.value)
+                stack += [k, v]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
 @dataclass
@@ -108,21 +142,45 @@ class TrainConfig:
             if not ok:
                 raise CommuteError(msg)
 
-        def pos_int(name: str, minimum: int = 1) -> None:
+        def pos_int(name: str, minimum: int = 1, maximum: int | None = None) -> None:
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
-                 f"config field {name} must be an integer >= {minimum}, got {v!r}.")
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+            if maximum is None:
+                need(ok, f"config field {name} must be an integer >= {minimum}, got {v!r}.")
+            else:
+                need(ok and v <= maximum,
+                     f"config field {name} must be an integer from {minimum} to {maximum:,}, got {v!r}.")
 
         for name in ("seq_len", "batch_size", "grad_accum"):
             pos_int(name, 1)
         if self.seq_len < 2:
             raise CommuteError(f"config field seq_len must be >= 2 to have a next token, got {self.seq_len}.")
-        for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "ckpt_every", "keep_last",
-                     "seed"):
+        for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "ckpt_every", "keep_last"):
             pos_int(name, 0)
+        pos_int("seed", 0, _SEED_MAX)
         if self.sampler_seed is not None:
-            pos_int("sampler_seed", 0)
+            pos_int("sampler_seed", 0, _SEED_MAX)
         pos_int("log_every", 1)
+        need(self.batch_size * self.seq_len <= MAX_BATCH_TOKENS,
+             f"config fields batch_size × seq_len ask for {self.batch_size * self.seq_len:,} tokens per "
+             f"micro-batch, more than the {MAX_BATCH_TOKENS:,} allowed; lower batch_size or seq_len (use "
+             "grad_accum for a larger effective batch).")
+        eval_tokens = self.eval_batches * self.batch_size * self.seq_len
+        need(eval_tokens <= MAX_EVAL_TOKENS,
+             f"config field eval_batches={self.eval_batches:,} asks for {eval_tokens:,} validation tokens "
+             f"per domain (× batch_size × seq_len), more than the {MAX_EVAL_TOKENS:,} allowed; lower "
+             "eval_batches.")
+        need(isinstance(self.model, str) and bool(self.model),
+             f"config field model must be a preset name such as tiny, small or gpt2, got {self.model!r}.")
+        need(isinstance(self.tokenizer, str) and bool(self.tokenizer),
+             f"config field tokenizer must be byte, bpe, bpe:<vocab> or a path, got {self.tokenizer!r}.")
+        need(self.cache_dir is None or isinstance(self.cache_dir, str),
+             f"config field cache_dir must be a path or null, got {self.cache_dir!r}.")
+        need(isinstance(self.device, str), f"config field device must be a name such as cpu or cuda, got "
+             f"{self.device!r}.")
+        for name in ("tensorboard", "deterministic"):
+            need(isinstance(getattr(self, name), bool),
+                 f"config field {name} must be true or false, got {getattr(self, name)!r}.")
         need(self.optimizer in _OPTIMIZERS,
              f"config field optimizer must be one of {', '.join(_OPTIMIZERS)}, got {self.optimizer!r}.")
         need(self.lr_schedule in _LR_SCHEDULES, f"config field lr_schedule must be one of "
@@ -149,11 +207,14 @@ class TrainConfig:
              f"config field betas must be two numbers in [0, 1), got {self.betas!r}.")
         self.betas = [float(b) for b in self.betas]
         need(isinstance(self.model_overrides, dict), "config field model_overrides must be a mapping.")
-        need(isinstance(self.domains, dict) and all(isinstance(k, str) for k in self.domains),
+        need(isinstance(self.domains, dict) and all(isinstance(k, str) and k for k in self.domains)
+             and all(isinstance(v, str | os.PathLike) and str(v) for v in self.domains.values()),
              "config field domains must map domain names to sources, e.g. {en: 'fortunes:en'}.")
         self.domains = {k: str(v) for k, v in self.domains.items()}
-        need(self.vocab_size is None or (isinstance(self.vocab_size, int) and self.vocab_size > 0),
-             f"config field vocab_size must be a positive integer or null, got {self.vocab_size!r}.")
+        v = self.vocab_size
+        need(v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_VOCAB),
+             f"config field vocab_size must be null or an integer from 1 to {MAX_VOCAB:,}, got "
+             f"{self.vocab_size!r}.")
         need(isinstance(self.ckpt_steps, list | tuple)
              and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.ckpt_steps),
              f"config field ckpt_steps must be a list of integers >= 0, got {self.ckpt_steps!r}.")
@@ -164,8 +225,9 @@ class TrainConfig:
 
     # ---- (de)serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of all fields (JSON/YAML-able)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """A plain dict of all fields (JSON/YAML-able; a deep copy)."""
+        # the JSON round trip copies; dataclasses.asdict would deep-copy a large schedule once more
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "the config") -> TrainConfig:
@@ -204,14 +266,22 @@ class TrainConfig:
         import yaml
 
         path = Path(path)
+        where = f"config file {str(path)!r}"
         if not path.is_file():
-            raise CommuteError(f"config file {str(path)!r} does not exist.")
+            raise CommuteError(f"{where} does not exist.")
         try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CommuteError(f"{where} is not UTF-8 text (byte {exc.start}).") from None
+        try:
+            check_unique_keys(text, where)
+            d = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CommuteError(f"config file {str(path)!r} is not valid YAML: {first}.") from None
-        return cls.from_dict(d, where=f"config file {str(path)!r}")
+            raise CommuteError(f"{where} is not valid YAML: {first}.") from None
+        except RecursionError:
+            raise CommuteError(f"{where} is nested too deeply to read.") from None
+        return cls.from_dict(d, where=where)
 
     @classmethod
     def load(cls, obj: TrainConfig | Mapping[str, Any] | str | Path) -> TrainConfig:
