@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -51,6 +52,11 @@ __all__ = [
     "set_rng_state",
     "restore_rng_state",
     "sha256_file",
+    "read_latest",
+    "store_schedule",
+    "stored_schedule_path",
+    "check_finite",
+    "SCHEDULE_INLINE_MAX",
 ]
 
 CKPT_FORMAT = 1  #: the ``format`` of ``state.json`` this version reads and writes
@@ -99,6 +105,8 @@ def model_arch(model: torch.nn.Module) -> dict[str, Any]:
 def check_arch(path: Path, saved: Mapping[str, Any], model: torch.nn.Module) -> None:
     """Raise a one-sentence :class:`CommuteError` if ``model``'s shape differs from ``saved`` (a state's
     ``arch``)."""
+    if not isinstance(saved, Mapping):
+        raise _corrupt(path, "state.json has no model shape (arch)")
     mine = model_arch(model)
     diff = [f"{k} {saved.get(k)!r} vs {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
     if diff:
@@ -199,7 +207,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     ckdir = Path(run_dir) / "checkpoints"
     if not ckdir.is_dir():
         return []
-    out = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    out = [p for p in ckdir.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir()]
     return sorted(out, key=lambda p: int(p.name[5:]))
 
 
@@ -216,13 +224,30 @@ def find_checkpoint(path: str | Path) -> Path:
     run = p.parent if p.name == "checkpoints" else p
     latest = run / "checkpoints" / "latest"
     if latest.is_file():
-        cand = run / "checkpoints" / latest.read_text().strip()
+        cand = run / "checkpoints" / read_latest(latest)
         if cand.is_dir():
             return cand
     cks = list_checkpoints(run)
     if not cks:
         raise CommuteError(f"no checkpoint found in {str(p)!r}.")
     return cks[-1]
+
+
+_STEP_NAME = re.compile(r"step_[0-9]+")
+
+
+def read_latest(pointer: Path) -> str:
+    """The checkpoint name in a ``checkpoints/latest`` pointer: a bare ``step_*`` name of that directory;
+    anything else (a path, another run's checkpoint, undecodable bytes) is a one-sentence error."""
+    raw = pointer.read_bytes()[:4096]
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _STEP_NAME.fullmatch(name):
+        raise CommuteError(f"{str(pointer)!r} is damaged (it must hold the name of a step_* directory beside "
+                           f"it, got {raw[:60]!r}); delete it to use the newest checkpoint of the run.")
+    return name
 
 
 def _corrupt(path: Path, why: str) -> CommuteError:
@@ -238,11 +263,12 @@ def read_state(path: Path, verify: bool = True) -> dict[str, Any]:
         raise _corrupt(path, "state.json is missing")
     try:
         state = json.loads(sp.read_text(encoding="utf-8"))
-        files = state["files"]
-        int(state["step"])
-        state["config"]["seed"]  # noqa: B018
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise _corrupt(path, f"state.json is unreadable: {type(exc).__name__}") from None
+    bad = _state_shape_error(state)
+    if bad:
+        raise _corrupt(path, f"state.json is malformed: {bad}")
+    files = state["files"]
     if state.get("format") != CKPT_FORMAT:
         raise CommuteError(f"checkpoint {str(path)!r} has format {state.get('format')!r}, but this version "
                            f"of commute reads format {CKPT_FORMAT}.")
@@ -252,7 +278,102 @@ def read_state(path: Path, verify: bool = True) -> dict[str, Any]:
                 raise _corrupt(path, f"{f} is missing")
             if sha256_file(path / f) != files.get(f):
                 raise _corrupt(path, f"{f} does not match its checksum")
+    _resolve_stored_schedules(state, path)
     return state
+
+
+#: the type of each ``state.json`` entry that code reads, and whether it must be there
+_STATE_SHAPE: dict[str, tuple[type, bool]] = {
+    "files": (dict, True), "step": (int, True), "config": (dict, True), "arch": (dict, False),
+    "schedule": (dict, False), "sampler": (dict, False), "tokens": (dict, False), "interval": (dict, False),
+    "parent": (dict, False), "domain_names": (list, False),
+}
+
+
+def _state_shape_error(state: Any) -> str | None:
+    """Why ``state`` is not a ``state.json`` this version can read (a missing or mistyped entry), or None."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a mapping"
+    for key, (kind, required) in _STATE_SHAPE.items():
+        v = state.get(key)
+        if v is None and not required:
+            continue
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0):
+            return f"{key} is {'missing' if v is None else type(v).__name__ + ', not ' + kind.__name__}"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in state["files"].items()):
+        return "files is not a mapping of file names to checksums"
+    if not isinstance(state["config"].get("seed"), int):
+        return "config has no seed"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# schedules stored once per run
+# --------------------------------------------------------------------------------------------------
+SCHEDULE_INLINE_MAX = 64 * 1024
+"""A schedule whose JSON is longer (e.g. thousands of stages) is written once per run, to
+``schedules/<sha256>.json``, and ``state.json`` refers to it by hash instead of repeating it."""
+
+_STORED_NAME = re.compile(r"schedules/[0-9a-f]{64}\.json")
+
+
+def store_schedule(run_dir: Path, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``schedule`` itself if small, else a reference ``{"type": "stored", "file": "schedules/<sha>.json",
+    "sha256": <sha>}`` to its JSON, written into ``run_dir`` (atomically, once: the name is the hash)."""
+    if schedule is None:
+        return None
+    text = json.dumps(schedule)
+    if len(text) <= SCHEDULE_INLINE_MAX:
+        return schedule
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    rel = f"schedules/{sha}.json"
+    if not (run_dir / rel).is_file() or sha256_file(run_dir / rel) != sha:
+        atomic_write(run_dir / rel, text)
+    return {"type": "stored", "file": rel, "sha256": sha}
+
+
+def stored_schedule_path(run_dir: Path, ref: Any) -> Path | None:
+    """The file a :func:`store_schedule` reference names (None if ``ref`` is not one)."""
+    if isinstance(ref, dict) and ref.get("type") == "stored":
+        return run_dir / str(ref.get("file"))
+    return None
+
+
+def _resolve_stored_schedules(state: dict[str, Any], path: Path) -> None:
+    """Replace the references of :func:`store_schedule` in ``state`` (schedule, config.schedule,
+    parent.schedule) by the schedules, each read once and checked against its sha256."""
+    run_dir = path.parent.parent
+    checked: set[str] = set()
+
+    def resolve(ref: Any) -> Any:
+        if not (isinstance(ref, dict) and ref.get("type") == "stored"):
+            return ref
+        rel, sha = ref.get("file"), ref.get("sha256")
+        if not isinstance(rel, str) or not _STORED_NAME.fullmatch(rel) or rel != f"schedules/{sha}.json":
+            raise _corrupt(path, "its stored schedule reference is malformed")
+        f = run_dir / rel
+        if not f.is_file():
+            raise _corrupt(path, f"the run's {rel} is missing")
+        data = f.read_bytes()
+        if sha not in checked and hashlib.sha256(data).hexdigest() != sha:
+            raise _corrupt(path, f"the run's {rel} does not match its checksum")
+        checked.add(sha)
+        return json.loads(data)  # each reference its own copy
+
+    state["schedule"] = resolve(state.get("schedule"))
+    state["config"]["schedule"] = resolve(state["config"].get("schedule"))
+    if isinstance(state.get("parent"), dict):
+        state["parent"]["schedule"] = resolve(state["parent"].get("schedule"))
+
+
+def check_finite(path: Path, model: torch.nn.Module) -> None:
+    """Refuse to continue from checkpoint ``path`` if its weights (loaded into ``model``) are not finite."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CommuteError(f"checkpoint {str(path)!r} holds weights that are not finite ({bad[0]}{more}); "
+                           "continue from an earlier checkpoint of the run with a lower learning rate "
+                           "(--branch-from).")
 
 
 def load_weights(path: Path, model: torch.nn.Module, device: torch.device | str) -> None:
@@ -302,7 +423,10 @@ def load_checkpoint(
     model = None
     if with_model:
         cfg_dtype = DTYPES[config.dtype]
-        model = build_model(config.model, vocab_size=int(state["arch"]["vocab_size"]), dtype=cfg_dtype,
+        vocab = (state.get("arch") or {}).get("vocab_size")
+        if not isinstance(vocab, int):
+            raise _corrupt(p, "state.json has no model shape (arch)")
+        model = build_model(config.model, vocab_size=vocab, dtype=cfg_dtype,
                             attn_implementation=attn_implementation or config.attn_implementation,
                             **config.model_overrides)
         check_arch(p, state["arch"], model)

@@ -22,6 +22,7 @@ import contextlib
 import csv
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from typing import Any
 from commute.errors import CommuteError
 from commute.io import atomic_write
 
-__all__ = ["Metrics", "Interval", "csv_fields", "truncate_metrics"]
+__all__ = ["Metrics", "Interval", "csv_fields", "read_metrics", "truncate_metrics"]
 
 _CSV_BASE = ("step", "lr", "loss")
+_STEP = re.compile(r"[0-9]+")
 
 
 def csv_fields(names: Sequence[str]) -> list[str]:
@@ -45,17 +47,31 @@ def csv_fields(names: Sequence[str]) -> list[str]:
     return f
 
 
-def truncate_metrics(path: Path, fields: list[str], upto: int) -> None:
-    """Keep the rows of steps <= ``upto`` (a resumed run rewrites what came after its checkpoint); write
-    the header alone if ``path`` does not exist. Other columns than ``fields`` are an error."""
-    rows: list[dict[str, str]] = []
-    if path.is_file():
+def read_metrics(path: Path, fields: list[str], upto: int) -> list[dict[str, str]]:
+    """The rows of steps <= ``upto`` of an existing ``metrics.csv`` (none if there is none); a file with
+    other columns than ``fields``, or one that is not UTF-8 CSV, is a one-sentence :class:`CommuteError`
+    (nothing is written)."""
+    if not path.exists():
+        return []
+    if not path.is_file():
+        raise CommuteError(f"{str(path)!r} is not a regular file; move it away and run again.")
+    try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames and list(reader.fieldnames) != fields:
                 raise CommuteError(f"{str(path)!r} has different columns than this run; use a new output "
                                    "directory.")
-            rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= upto]
+            return [r for r in reader if _STEP.fullmatch(r.get("step") or "") and int(r["step"]) <= upto]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"not CSV: {exc}"
+        raise CommuteError(f"{str(path)!r} is damaged ({why}); move it away to go on (the checkpoints are "
+                           "intact; the rows up to the checkpoint are then lost).") from None
+
+
+def truncate_metrics(path: Path, fields: list[str], upto: int) -> None:
+    """Keep the rows of steps <= ``upto`` (a resumed run rewrites what came after its checkpoint); write
+    the header alone if ``path`` does not exist. Other columns than ``fields`` are an error."""
+    rows = read_metrics(path, fields, upto)
     s = io.StringIO()
     w = csv.DictWriter(s, fieldnames=fields, lineterminator="\n")
     w.writeheader()
