@@ -638,6 +638,15 @@ def _key(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+def token_sha256(tokens: np.ndarray) -> str:
+    """sha256 of a 1-D token array: its dtype and values (read in chunks, so a memmap is not loaded)."""
+    h = hashlib.sha256(np.dtype(tokens.dtype).str.encode() + b"\0")
+    step = 1 << 24
+    for i in range(0, len(tokens), step):
+        h.update(np.ascontiguousarray(tokens[i:i + step]).tobytes())
+    return h.hexdigest()
+
+
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[starts[:, None] + np.arange(seq_len)[None, :]]
 
@@ -656,6 +665,14 @@ class TokenizedDomain:
     source: str = ""
     n_docs_train: int = 0
     n_docs_val: int = 0
+    #: sha256 of the training tokens (:func:`token_sha256`); computed on first use if empty
+    fingerprint: str = ""
+
+    def train_fingerprint(self) -> str:
+        """sha256 of the ``train`` tokens (what a sampler's state must be resumed on), computed once."""
+        if not self.fingerprint:
+            self.fingerprint = token_sha256(self.train)
+        return self.fingerprint
 
     @property
     def vocab_size(self) -> int:
@@ -794,7 +811,8 @@ def load_domains(
 
         def build(name: str = name, src: str | Path = src, d: Path = d) -> None:
             train_docs, val_docs = get_split(name)
-            atomic_write(d / "train.npy", _npy(_encode_docs(tok, train_docs)))
+            train_ids = _encode_docs(tok, train_docs)
+            atomic_write(d / "train.npy", _npy(train_ids))
             atomic_write(d / "val.npy", _npy(_encode_docs(tok, val_docs)))
             meta = {
                 "source": str(src),
@@ -802,6 +820,7 @@ def load_domains(
                 "val_fraction": float(val_fraction),
                 "docs_train": len(train_docs),
                 "docs_val": len(val_docs),
+                "train_sha256": token_sha256(train_ids),
             }
             atomic_write(d / "meta.json", json.dumps(meta, indent=1).encode())
 
@@ -818,6 +837,9 @@ def load_domains(
             val = np.load(d / "val.npy", mmap_mode="r")
         if len(train) == 0:
             raise CommuteError(f"domain {name!r} ({src}) has no training text.")
+        if not isinstance(meta.get("train_sha256"), str):  # a cache entry written before the fingerprint
+            meta["train_sha256"] = token_sha256(train)
+            atomic_write(meta_p, json.dumps(meta, indent=1).encode())
         out[name] = TokenizedDomain(
             name=name,
             train=train,
@@ -826,11 +848,18 @@ def load_domains(
             source=str(src),
             n_docs_train=int(meta["docs_train"]),
             n_docs_val=int(meta["docs_val"]),
+            fingerprint=meta["train_sha256"],
         )
     return out
 
 
 # --- mixture sampler --------------------------------------------------------------------------------
+
+
+def _domain_fingerprint(d: Any) -> str:
+    """sha256 of a domain's training tokens: its own fingerprint if it has one, else computed."""
+    fp = getattr(d, "train_fingerprint", None)
+    return fp() if callable(fp) else token_sha256(d.train)
 
 
 @dataclass
@@ -898,6 +927,7 @@ class MixtureSampler:
         self.counters = dict.fromkeys(self.domain_names, 0)
         self.tokens_drawn = dict.fromkeys(self.domain_names, 0)
         self._residual = np.zeros(len(self.domain_names))  # exact mode: B·Σ_s w_k(s) − rows drawn so far
+        self._fp: dict[str, str] | None = None
 
     # the per-step uniforms: public so that tests and tools can check the CRN property
     def uniforms(self, step: int) -> np.ndarray:
@@ -979,14 +1009,22 @@ class MixtureSampler:
             "mode": self.mode,
             "domain_names": list(self.domain_names),
             "train_tokens": {n: int(len(d.train)) for n, d in self.domains.items()},
+            "train_sha256": self._fingerprints(),
             "step": self.step,
             "counters": dict(self.counters),
             "tokens_drawn": dict(self.tokens_drawn),
             "residual": [float(r) for r in self._residual],
         }
 
+    def _fingerprints(self) -> dict[str, str]:
+        """sha256 of each domain's training tokens (short), computed once per sampler."""
+        if self._fp is None:
+            self._fp = {n: _domain_fingerprint(d)[:32] for n, d in self.domains.items()}
+        return dict(self._fp)
+
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the sampler must have the same seed, shapes and domains."""
+        """Restore :meth:`state_dict` output; the sampler must have the same seed, shapes, domains and
+        training tokens (states written before ``train_sha256`` existed are checked by token counts)."""
         try:
             mine = self.state_dict()
             for k in ("seed", "batch_size", "seq_len", "mode", "domain_names", "train_tokens"):
@@ -995,6 +1033,15 @@ class MixtureSampler:
                         f"the saved sampler state has {k}={d[k]!r} but this sampler has {mine[k]!r}; "
                         "resume with the same data and settings."
                     )
+            saved_fp = d.get("train_sha256")
+            if saved_fp is not None:
+                for n in self.domain_names:
+                    if saved_fp[n] != mine["train_sha256"][n]:
+                        raise CommuteError(
+                            f"the training tokens of domain {n!r} differ from the ones the saved state was "
+                            "drawn from (same count, other tokens: the corpus was edited since); resume with "
+                            "the same data, or start a new run."
+                        )
             self.step = int(d["step"])
             self.counters = {n: int(d["counters"][n]) for n in self.domain_names}
             self.tokens_drawn = {n: int(d["tokens_drawn"][n]) for n in self.domain_names}
@@ -1002,7 +1049,7 @@ class MixtureSampler:
             if residual.shape != self._residual.shape:
                 raise ValueError("residual has the wrong length")
             self._residual = residual
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CommuteError(
                 f"the saved sampler state is malformed ({type(exc).__name__}: {exc})."
             ) from None
