@@ -25,6 +25,7 @@ The modules split the ideas; every name used elsewhere (:class:`TrainConfig`, :f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -40,6 +41,7 @@ from commute.checkpoint import (
     CKPT_FORMAT,
     Checkpoint,
     check_arch,
+    check_finite,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -50,12 +52,14 @@ from commute.checkpoint import (
     remove_partial_checkpoints,
     restore_rng_state,
     save_checkpoint,
+    store_schedule,
+    stored_schedule_path,
 )
 from commute.checkpoint import sha256_file as _sha256
-from commute.errors import CommuteError, NonFiniteLossError
-from commute.metrics import Interval, Metrics
-from commute.model import build_model, count_parameters, sequence_losses
-from commute.progress import Progress
+from commute.errors import CommuteError, NonFiniteLossError, note_interrupt
+from commute.metrics import Interval, Metrics, csv_fields, read_metrics
+from commute.model import build_model, count_parameters, model_config, sequence_losses
+from commute.progress import Progress, logger
 from commute.train_config import DTYPES, TrainConfig
 
 __all__ = [
@@ -259,6 +263,26 @@ def evaluate(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
     return out
 
 
+def diverged(what: str, lr: float, last_checkpoint: Path | None) -> NonFiniteLossError:
+    """The one sentence of a diverged run: what happened, the last (healthy) checkpoint and how to go on
+    from it with a lower learning rate (a branch into a new directory: ``lr`` is a branch field)."""
+    if last_checkpoint is not None:
+        how = (f"checkpoint {last_checkpoint.name} is intact; lower the learning rate and branch from it "
+               f"into a new directory (commute train CONFIG --branch-from {last_checkpoint} --out NEW_DIR), "
+               "or check the data")
+    else:
+        how = "no checkpoint was written yet; lower the learning rate and start again, or check the data"
+    return NonFiniteLossError(f"{what} (lr={lr:g}); {how}.")
+
+
+def _check_token_ids(ids: Tensor, vocab: int, step: int) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise CommuteError(f"a batch of step {step} holds token id {hi if hi >= vocab else lo}, outside the "
+                           f"model's vocabulary of {vocab}; set vocab_size to at least the tokenizer's (or "
+                           "null to use it).")
+
+
 def _micro_batch_loss(seq: Tensor, dom: Tensor | None, weights: Mapping[str, float],
                       names: Sequence[str]) -> Tensor:
     """Σ_k w_k · mean_{b: d_b=k} ℓ_b / Σ_k w_k over the domains k present with w_k > 0 (``seq`` = ℓ)."""
@@ -304,6 +328,7 @@ def train_step(
     for g in optimizer.param_groups:
         g["lr"] = lr
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     step_loss = 0.0
@@ -314,6 +339,8 @@ def train_step(
     for mb in micro_batches:
         ids = getattr(mb, "input_ids", mb)
         dom = getattr(mb, "domain", None)
+        if isinstance(vocab, int) and isinstance(ids, Tensor) and ids.numel():
+            _check_token_ids(ids, vocab, step)
         ids = ids.to(device, non_blocking=True)
         with amp:
             seq = sequence_losses(model, ids)
@@ -331,10 +358,7 @@ def train_step(
                     dom_tokens[n] += k * ids.shape[1]
         n_tokens += ids.numel()
     if not math.isfinite(step_loss):
-        good = (f"checkpoint {last_checkpoint.name} is intact" if last_checkpoint
-                else "no checkpoint was written yet")
-        raise NonFiniteLossError(f"the training loss became {step_loss} at step {step} (lr={lr:g}); "
-                                 f"{good}; lower the learning rate or check the data.")
+        raise diverged(f"the training loss became {step_loss} at step {step}", lr, last_checkpoint)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -448,6 +472,10 @@ def _check_origin(cfg: TrainConfig, sched: Any, names: list[str], origin: _Origi
                            + "); use the config it was trained with or a new output directory.")
     if diff:
         what = "resume" if origin.resume else "branch from"
+        if origin.resume and set(diff) <= set(TrainConfig.BRANCH_FIELDS):
+            raise CommuteError(f"cannot resume {str(base_ck)!r}: its config differs in {', '.join(diff)}, "
+                               "which only a branch may change; branch from it into a new directory (commute "
+                               f"train CONFIG --branch-from {base_ck} --out NEW_DIR).")
         raise CommuteError(f"cannot {what} {str(base_ck)!r}: its config differs in "
                            f"{', '.join(diff)}; use the same settings or a new output directory.")
     if list(base_state.get("domain_names", names)) != names:
@@ -456,12 +484,86 @@ def _check_origin(cfg: TrainConfig, sched: Any, names: list[str], origin: _Origi
 
 
 def _vocab_size(cfg: TrainConfig, domains: Mapping[str, Any]) -> int:
+    """The model's vocabulary: the config's, else the tokenizer's; a config's smaller than the tokens of the
+    domains (their tokenizer's vocabulary, or their largest token id) is refused."""
     vocab = cfg.vocab_size or (next(iter(domains.values())).vocab_size if domains else None)
     if vocab is None:
         from commute.data import get_tokenizer
 
         vocab = get_tokenizer(cfg.tokenizer).vocab_size
+    if cfg.vocab_size is not None and domains:
+        need = max(_tokens_needed(d) for d in domains.values())
+        if cfg.vocab_size < need:
+            raise CommuteError(f"config field vocab_size={cfg.vocab_size} is smaller than the {need} token "
+                               f"ids of the data (tokenizer {cfg.tokenizer}); set vocab_size >= {need}, or "
+                               "null to use the tokenizer's.")
     return int(vocab)
+
+
+def _tokens_needed(domain: Any) -> int:
+    """How many token ids a domain's data uses: its tokenizer's vocabulary, else its largest id + 1."""
+    if getattr(domain, "tokenizer", None) is not None:
+        return int(domain.tokenizer.vocab_size)
+    arrays = [a for a in (getattr(domain, "train", None), getattr(domain, "val", None))
+              if a is not None and len(a)]
+    return max((int(a.max()) + 1 for a in arrays), default=0)
+
+
+def _check_model(cfg: TrainConfig, vocab: int) -> None:
+    """The model the config describes can be built (overrides checked) and holds ``seq_len`` tokens."""
+    mc = model_config(cfg.model, vocab, attn_implementation=cfg.attn_implementation, **cfg.model_overrides)
+    if cfg.seq_len > mc.n_positions:
+        raise CommuteError(f"seq_len={cfg.seq_len} exceeds the model's context of {mc.n_positions}; lower "
+                           "seq_len or set model_overrides.n_positions.")
+
+
+_RUN_FILES = {"checkpoints": "dir", "tb": "dir", "schedules": "dir", "metrics.csv": "file",
+              "config.yaml": "file"}
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Before anything is written: ``out_dir`` is (or can become) a directory and what a run keeps in it
+    has the right kind (a file where ``checkpoints/`` belongs is refused instead of found out half-way)."""
+    for up in (out_dir, *out_dir.parents):
+        if up.exists():
+            if not up.is_dir():
+                raise CommuteError(f"the output directory {str(out_dir)!r} cannot be made: {str(up)!r} is "
+                                   "not a directory; choose another --out.")
+            break
+    for name, kind in _RUN_FILES.items():
+        p = out_dir / name
+        if p.exists() or p.is_symlink():
+            if kind == "dir" and not p.is_dir():
+                raise CommuteError(f"{str(p)!r} is not a directory; move it away (nothing was written).")
+            if kind == "file" and not p.is_file():
+                raise CommuteError(f"{str(p)!r} is not a regular file; move it away (nothing was written).")
+
+
+def _move_aside(out_dir: Path) -> None:
+    """A run starting afresh in ``out_dir`` moves the output of an earlier one that left no checkpoint
+    (metrics.csv, config.yaml, tb/) into ``out_dir/previous-<time>/`` instead of overwriting it."""
+    old = [p for p in (out_dir / "metrics.csv", out_dir / "config.yaml", out_dir / "tb") if p.exists()]
+    if not old:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out_dir / f"previous-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out_dir / f"previous-{stamp}-{n}"
+    dest.mkdir()
+    for p in old:
+        os.replace(p, dest / p.name)
+    logger.warning(f"{str(out_dir)!r} holds the output of an earlier run but no checkpoint to resume from; "
+                   f"moved {', '.join(p.name for p in old)} to {str(dest)!r} and starting afresh.")
+
+
+def _write_config(cfg: TrainConfig, out_dir: Path) -> None:
+    """``config.yaml``; a large schedule is written once to ``schedules/`` and named there by path."""
+    stored = stored_schedule_path(out_dir, store_schedule(out_dir, cfg.schedule))
+    if stored is not None:
+        cfg = dataclasses.replace(cfg, schedule=str(stored.resolve()))
+    cfg.to_yaml(out_dir / "config.yaml")
 
 
 def _validation_batches(cfg: TrainConfig, domains: Mapping[str, Any],
@@ -531,14 +633,19 @@ class _Run:
         self.ckpt_steps = set(cfg.ckpt_steps)
         self.t_start = self.t_row = 0.0
         self.tok_row = self.tok_total = 0
+        self.amp = DTYPES[cfg.autocast] if cfg.autocast else None
+        self.lr = cfg.lr  #: the learning rate of the last step (for messages)
+        self.probe: Any = None  #: the last micro-batch trained on: a checkpoint's weights must give it a loss
+        self._static: dict[str, Any] | None = None  #: the state.json entries fixed for the whole call
 
     def restore(self, origin: _Origin) -> None:
         """Continue from ``origin``: weights, optimiser, RNG, step, sampler, tokens; on resume also the
         metrics interval, the parent and the last checkpoint."""
         ck, state = origin.path, origin.state
         assert ck is not None and state is not None
-        check_arch(ck, state["arch"], self.model)
+        check_arch(ck, state.get("arch"), self.model)
         load_weights(ck, self.model, self.device)
+        check_finite(ck, self.model)
         try:
             opt_state = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
             self.optimizer.load_state_dict(opt_state)
@@ -563,26 +670,65 @@ class _Run:
                            "config_hash": state.get("config_hash"), "schedule": state.get("schedule")}
 
     def state_dict(self, at: int) -> dict[str, Any]:
-        """The checkpoint's ``state.json`` (without the checksums :func:`save_checkpoint` adds)."""
+        """The checkpoint's ``state.json`` (without the checksums :func:`save_checkpoint` adds).
+
+        What cannot change during the call (config, its hash, the schedule) is computed once; a large
+        schedule is stored once per run (:func:`commute.checkpoint.store_schedule`) and referred to by hash.
+        """
+        if self._static is None:
+            config = self.cfg.to_dict()
+            config["schedule"] = store_schedule(self.out_dir, config["schedule"])
+            parent = self.parent
+            if parent is not None:
+                parent = {**parent, "schedule": store_schedule(self.out_dir, parent.get("schedule"))}
+            self._static = {"config": config, "config_hash": self.cfg.trajectory_hash(),
+                            "arch": model_arch(self.model), "n_params": count_parameters(self.model),
+                            "schedule": store_schedule(self.out_dir, self.sched.to_dict()), "parent": parent}
+        st = self._static
         return {
             "format": CKPT_FORMAT,
             "step": at,
-            "config": self.cfg.to_dict(),
-            "config_hash": self.cfg.trajectory_hash(),
-            "arch": model_arch(self.model),
-            "n_params": count_parameters(self.model),
+            "config": st["config"],
+            "config_hash": st["config_hash"],
+            "arch": st["arch"],
+            "n_params": st["n_params"],
             "domain_names": self.names,
-            "schedule": self.sched.to_dict(),
+            "schedule": st["schedule"],
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "tokens": dict(self.tokens),
             "interval": self.interval.to_dict(),
-            "parent": self.parent,
+            "parent": st["parent"],
             "torch": torch.__version__,
             "time": time.time(),
         }
 
+    def unhealthy(self) -> str | None:
+        """Why the current weights must not be checkpointed (not finite, or a non-finite loss on the last
+        batch trained on), or None. The probe runs in eval mode without gradients: it changes no state and
+        draws no random numbers, so the run is bitwise the same with or without it."""
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return f"are not finite ({name})"
+        if self.probe is None:
+            return None
+        ids = getattr(self.probe, "input_ids", self.probe)
+        amp = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+               else contextlib.nullcontext())
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), amp:
+                loss = float(sequence_losses(self.model, ids.to(self.device)).double().mean())
+        finally:
+            self.model.train(was)
+        return None if math.isfinite(loss) else f"give the loss {loss} on the last batch"
+
     def checkpoint(self, at: int) -> Path:
-        """Save a checkpoint at step ``at`` and prune periodic ones beyond ``keep_last``."""
+        """Save a checkpoint at step ``at`` (only healthy weights: see :meth:`unhealthy`) and prune periodic
+        ones beyond ``keep_last``."""
+        bad = self.unhealthy()
+        if bad is not None:
+            raise diverged(f"the weights reached at step {at} {bad}", self.lr, self.last_ck)
         # _sha256 is read from this module at call time: tests replace it to simulate a crash mid-write
         p = save_checkpoint(self.out_dir, at, self.model, self.optimizer, self.state_dict(at),
                             checksum=_sha256)
@@ -613,13 +759,16 @@ class _Run:
     def micro_batches(self, t: int, w: Mapping[str, float]) -> list[Any]:
         """Step ``t``'s micro-batches: ``grad_accum`` sampler batches at weights ``w``, or the source's."""
         if self.sampler is not None:
-            return [self.sampler.next_batch(w) for _ in range(self.cfg.grad_accum)]
-        if self.source_iter is not None:
+            mbs = [self.sampler.next_batch(w) for _ in range(self.cfg.grad_accum)]
+        elif self.source_iter is not None:
             try:
-                return _as_micro_batches(next(self.source_iter))
+                mbs = _as_micro_batches(next(self.source_iter))
             except StopIteration:
                 raise CommuteError(f"the batch source ran out at step {t}.") from None
-        return _as_micro_batches(self.batch_source(t))
+        else:
+            mbs = _as_micro_batches(self.batch_source(t))
+        self.probe = mbs[-1] if mbs else None
+        return mbs
 
     def after_step(self, t: int, lr: float, w: Mapping[str, float], res: StepResult, prog: Progress) -> None:
         """Count step ``t``, then write its metrics row, evaluate and checkpoint where the config says.
@@ -629,6 +778,7 @@ class _Run:
         """
         cfg = self.cfg
         self.step = step = t + 1
+        self.lr = lr
         self.losses[t] = res.loss
         self.interval.add(res.loss, res.domain_loss_sum, res.domain_sequences)
         for n in self.names:
@@ -710,46 +860,63 @@ def train(
     becomes NaN/inf (the last good checkpoint is left intact).
     """
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     origin = _find_origin(out_dir, resume, branch_from)
-    if config is None:
-        if origin.state is None:
-            raise CommuteError("train() needs a config (or branch_from= to reuse a checkpoint's config).")
-        config = origin.state["config"]
-    cfg = TrainConfig.load(config)
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                  or max_steps < 0):
-        raise CommuteError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
-    domains = _load_domains(cfg, domains, batch_source, val_batches)
-    sched, cfg, names = _resolve_schedule(cfg, schedule, list(domains) or list(cfg.domains))
-    _check_origin(cfg, sched, names, origin)
-    device = _resolve_device(cfg.device)
-    vocab = _vocab_size(cfg, domains)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _deterministic(cfg.deterministic, device):
-        run = _Run(cfg, out_dir, names, sched, domains, batch_source, device, vocab)
-        if origin.state is not None:
-            run.restore(origin)
-        start, end = run.step, cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        remove_partial_checkpoints(out_dir)  # a write interrupted by a crash
-        cfg.to_yaml(out_dir / "config.yaml")
-        run.val_batches = _validation_batches(cfg, domains, val_batches)
-        # a resumed run keeps the rows up to its checkpoint (they include its step); a fresh run or a new
-        # branch keeps none from a run that crashed before its first checkpoint
-        with Metrics(out_dir, names, start if origin.resume else start - 1, cfg.tensorboard) as run.metrics:
-            run.begin(origin, end)
-            amp = DTYPES[cfg.autocast] if cfg.autocast else None
-            with Progress("train", end, enabled=progress, completed=start) as prog:
-                for t in range(start, end):
-                    w, lr = sched(t), lr_at(cfg, t)
-                    res = train_step(run.model, run.optimizer, run.micro_batches(t, w), w, names, lr=lr,
-                                     loss_weighting=cfg.loss_weighting, grad_clip=cfg.grad_clip,
-                                     autocast=amp, step=t, last_checkpoint=run.last_ck)
-                    run.after_step(t, lr, w, res, prog)
-                    prog.update(run.step)
-                    for cb in callbacks:  # after logging and checkpointing: callbacks see a settled step
-                        cb(StepInfo(step=run.step, model=run.model, optimizer=run.optimizer, loss=res.loss,
-                                    weights=w, domain_losses=res.domain_losses))
-            if end <= start and run.last_ck is None and origin.branch:
-                run.checkpoint(run.step)  # a branch asked for zero steps: still give it a checkpoint
-            elapsed = time.perf_counter() - run.t_start
+    run: _Run | None = None
+    try:
+        if config is None:
+            if origin.state is None:
+                raise CommuteError("train() needs a config (or branch_from= to reuse a checkpoint's config).")
+            config = origin.state["config"]
+        cfg = TrainConfig.load(config)
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or max_steps < 0):
+            raise CommuteError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
+        domains = _load_domains(cfg, domains, batch_source, val_batches)
+        sched, cfg, names = _resolve_schedule(cfg, schedule, list(domains) or list(cfg.domains))
+        _check_origin(cfg, sched, names, origin)
+        device = _resolve_device(cfg.device)
+        vocab = _vocab_size(cfg, domains)
+        _check_model(cfg, vocab)
+        start_step = int(origin.state["step"]) if origin.state is not None else 0
+        if origin.resume:  # a damaged metrics.csv is refused now, not after config.yaml was rewritten
+            read_metrics(out_dir / "metrics.csv", csv_fields(names), start_step)
+        with _deterministic(cfg.deterministic, device):
+            run = _Run(cfg, out_dir, names, sched, domains, batch_source, device, vocab)
+            if origin.state is not None:
+                run.restore(origin)
+            start, end = run.step, cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+            run.val_batches = _validation_batches(cfg, domains, val_batches)
+            # everything is checked: from here on files are written (an earlier run's are moved, not lost)
+            if not origin.resume:
+                _move_aside(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(out_dir)  # a write interrupted by a crash
+            _write_config(cfg, out_dir)
+            # a resumed run keeps the rows up to its checkpoint (they include its step); a fresh run or a new
+            # branch starts a new metrics.csv
+            keep = start if origin.resume else start - 1
+            with Metrics(out_dir, names, keep, cfg.tensorboard) as run.metrics:
+                run.begin(origin, end)
+                with Progress("train", end, enabled=progress, completed=start) as prog:
+                    for t in range(start, end):
+                        w, lr = sched(t), lr_at(cfg, t)
+                        res = train_step(run.model, run.optimizer, run.micro_batches(t, w), w, names, lr=lr,
+                                         loss_weighting=cfg.loss_weighting, grad_clip=cfg.grad_clip,
+                                         autocast=run.amp, step=t, last_checkpoint=run.last_ck)
+                        run.after_step(t, lr, w, res, prog)
+                        prog.update(run.step)
+                        for cb in callbacks:  # after logging and checkpointing: callbacks see a settled step
+                            cb(StepInfo(step=run.step, model=run.model, optimizer=run.optimizer,
+                                        loss=res.loss, weights=w, domain_losses=res.domain_losses))
+                if end <= start and run.last_ck is None and origin.branch:
+                    run.checkpoint(run.step)  # a branch asked for zero steps: still give it a checkpoint
+                if end <= start and not origin.resume and not origin.branch:
+                    why = f"steps is {cfg.steps}" + (" and max_steps 0" if end < cfg.steps else "")
+                    logger.warning(f"nothing to train: {why}, so no step was taken and no checkpoint was "
+                                   "written; set steps in the config (or --steps N).")
+                elapsed = time.perf_counter() - run.t_start
+    except KeyboardInterrupt as exc:  # the CLI names the checkpoint to resume from
+        note_interrupt(exc, run.last_ck if run is not None else origin.path if origin.resume else None)
+        raise
     return run.result(elapsed)

@@ -10,7 +10,7 @@ import sys
 
 from commute.cli import bracket, data, demo, study, toy, train  # noqa: F401  (each registers its commands)
 from commute.cli._app import app, console_err, setup_logging
-from commute.errors import CommuteError
+from commute.errors import CommuteError, interrupt_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,15 +30,36 @@ def main(argv: list[str] | None = None) -> int:
         console_err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}; files already written are "
                           "kept.", highlight=False, soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
-        console_err.print("[bold red]interrupted[/]: the last checkpoint written is intact.")
+    except KeyboardInterrupt as exc:
+        console_err.print(interrupt_message(exc), highlight=False, markup=False, soft_wrap=True)
         return 130
+    except MemoryError:
+        console_err.print("[bold red]error:[/] out of memory; lower batch_size, seq_len, eval_batches or "
+                          "the model size; checkpoints already written are kept.", highlight=False,
+                          soft_wrap=True)
+        return 1
     except SystemExit as exc:  # click's normal exit path (also --help and usage errors)
+        interrupt = _keyboard_interrupt(exc)
+        if interrupt is not None:  # typer turns Ctrl-C into exit code 130 without a word
+            console_err.print(interrupt_message(interrupt), highlight=False, markup=False, soft_wrap=True)
+            return 130
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)
         console_err.print(str(exc.code))
         return 1
     return 0
+
+
+def _keyboard_interrupt(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt that caused ``exc`` (typer raises ``Exit(130) from`` it), if any."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,6 +53,14 @@ def train_cmd(
         out = Path("runs") / config.stem
     result = train(cfg, out, resume=resume, branch_from=branch_from, schedule=schedule, max_steps=max_steps,
                    progress=progress)
+    if not result.losses:  # no step was taken in this call: say why instead of a summary of nothing
+        if result.step > 0:  # (a fresh run with steps 0 is reported by train() itself)
+            stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+            console.print(f"nothing to train: the run in {out} is already at step {result.step} and this "
+                          f"call stops at step {stop}; raise --steps or --max-steps to go on.",
+                          soft_wrap=True)
+        if result.checkpoint is None:
+            return
     val = "  ".join(f"{k} {v:.4f}" for k, v in result.val_losses.items())
     tokens = "  ".join(f"{k} {v:,}" for k, v in result.tokens.items())
     at = f" (at step {result.val_step})" if result.val_step is not None else " n/a (no evaluation this call)"
