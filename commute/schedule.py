@@ -477,7 +477,12 @@ def load_schedule(path: str | Path) -> Schedule:
         else:
             import yaml
 
+            from commute.train_config import check_unique_keys
+
+            check_unique_keys(text, f"schedule file {str(path)!r}")
             d = yaml.safe_load(text)
+    except CommuteError:
+        raise
     except RecursionError:
         raise CommuteError(f"schedule file {str(path)!r} is nested too deeply to read.") from None
     except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError

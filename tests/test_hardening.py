@@ -260,12 +260,21 @@ def test_bad_schedule_files_are_one_sentence(tmp_path, corpora, cache, capsys, k
         if kind == "json" and expect == "nested":
             body = ('{"type": ' + DEEP + "}").encode()
         elif kind == "json" and expect != "UTF-8":
-            body = json.dumps({"type": "stages", "stages": [{"start": 0, "weights": {"a": 1}},
-                                                            {"start": float("nan"), "weights": {"b": 1}}]}).encode()
+            stages = [{"start": 0, "weights": {"a": 1}}, {"start": float("nan"), "weights": {"b": 1}}]
+            body = json.dumps({"type": "stages", "stages": stages}).encode()
         s.write_bytes(body)
         code, err = _cli(["train", cfgp, "--out", tmp_path / "run", "--schedule", s, "--no-progress"], capsys)
         assert code == 2 and expect in one_sentence(err), err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_in_a_schedule_file_is_refused(tmp_path) -> None:
+    from commute.schedule import load_schedule
+
+    s = tmp_path / "s.yaml"
+    s.write_text("type: constant\nweights: {a: 1}\nweights: {b: 1}\n")
+    with pytest.raises(CommuteError, match="'weights' twice"):
+        load_schedule(s)
 
 
 def test_weights_must_be_numbers_not_booleans() -> None:
