@@ -20,6 +20,7 @@ _LAZY = {
                     "response"),
     **dict.fromkeys(("BracketMonitor", "CommuteCallback"), "callbacks"),
     "bracket_at": "audit",
+    "audit_run": "audit",
 }
 
 

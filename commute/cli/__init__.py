@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from commute.cli import bracket, data, demo, study, toy, train  # noqa: F401  (each registers its commands)
+from commute.cli import audit, bracket, data, demo, study, toy, train  # noqa: F401  (each registers its commands)
 from commute.cli._app import app, console_err, setup_logging
 from commute.errors import CommuteError, interrupt_message
 
