@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from commute.io import atomic_write, write_csv
-from commute.scores import FALLBACK_THRESHOLD, lambda_of, summarise, t_threshold
+from commute.scores import FALLBACK_THRESHOLD, PREDICTORS, lambda_of, summarise, t_threshold
 
 __all__ = ["render_report", "write_csvs", "summary_table", "plot_loss_planes", "plot_pred_vs_obs",
            "plot_predictors",
@@ -134,8 +134,40 @@ def _summary_rows(s: Mapping[str, Any], bold: bool) -> list[list[str]]:
     return rows
 
 
+def predictors_table(data: Mapping[str, Any]) -> Any:
+    """The predictors' scores on significant cells (arms, optimisers, all) as a :class:`rich.table.Table`."""
+    from rich.table import Table
+
+    pr = _summary(data).get("predictors") or {}
+    t = Table(title="Predictors vs the replicated observation (EL^12 − EL^21)/2, significant cells only")
+    t.add_column("cells", no_wrap=True)
+    for p in PREDICTORS:
+        t.add_column(PREDICTOR_NAMES[p].replace(" (sign only)", "")
+                     + ("\nsign right" if p == "recency" else "\nsign · ρ · obs/pred"), no_wrap=True)
+    for g, by in pr.get("groups", {}).items():
+        if ":" in g:
+            continue
+        row = [g]
+        for p in PREDICTORS:
+            sc = by[p]
+            row.append(f"{sc['sign_right']}/{sc['n']}" + ("" if p == "recency" else
+                       f" · {_f(sc['spearman'], '.2f')} · {_f(sc['median_ratio'], '.2g')}"))
+        t.add_row(*row)
+    t.caption = (f"{pr.get('n_significant', 0)} of {pr.get('n_cells', 0)} cells (arm, t0, Δw, target) have a "
+                 "significant observation (95 % t over the replicates); ρ = Spearman rank correlation, "
+                 "obs/pred = median observed/predicted. Per target domain and the verdict: report.md.")
+    return t
+
+
 def summary_table(data: Mapping[str, Any]) -> Any:
-    """The sign-agreement summary as a :class:`rich.table.Table` (for the CLI and ``commute demo``)."""
+    """The predictors' scores, then the bracket's sign agreement (for the CLI and ``commute demo``)."""
+    from rich.console import Group
+
+    return Group(predictors_table(data), bracket_table(data))
+
+
+def bracket_table(data: Mapping[str, Any]) -> Any:
+    """The bracket's sign-agreement summary beside the recency baseline, as a :class:`rich.table.Table`."""
     from rich.table import Table
 
     s = _summary(data)

@@ -202,11 +202,11 @@ def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict
 PREDICTORS = ("response", "bracket", "alignment", "recency")
 
 
-def score(pairs: Sequence[tuple[float | None, float]]) -> dict[str, Any]:
+def score(pairs: Sequence[tuple[float | None, float]], magnitude: bool = True) -> dict[str, Any]:
     """Scores of (predicted, observed) pairs (the caller keeps only significant observations):
     ``n``; ``sign_right``; ``spearman`` (rank correlation, needs n ≥ 3 and magnitudes); ``median_ratio``
     (median observed/predicted); ``max_fold`` (the largest of |obs/pred| and |pred/obs|: how far the worst
-    cell's magnitude is off, whatever its sign)."""
+    cell's magnitude is off, whatever its sign). ``magnitude=False`` (a sign-only predictor): counts only."""
     from scipy.stats import spearmanr
 
     pairs = [(p, o) for p, o in pairs if p is not None and math.isfinite(p) and math.isfinite(o)]
@@ -214,9 +214,11 @@ def score(pairs: Sequence[tuple[float | None, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o in pairs),
                            "spearman": math.nan, "median_ratio": math.nan, "max_fold": math.nan}
     mags = [(p, o) for p, o in pairs if p != 0]
+    if not magnitude:
+        return out
     if n >= 3 and len({p for p, _ in pairs}) > 1:
         out["spearman"] = float(spearmanr([p for p, _ in pairs], [o for _, o in pairs]).statistic)
-    if mags and any(abs(p) != 1.0 for p, _ in mags):  # recency's ±1 carries no magnitude
+    if mags:
         r = [o / p for p, o in mags]
         out["median_ratio"] = float(np.median(r))
         out["max_fold"] = float(max(max(abs(x), 1 / abs(x)) if x != 0 else math.inf for x in r))
@@ -243,9 +245,14 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
                     groups.setdefault(g, []).append((pd, d))
     out: dict[str, Any] = {"groups": {}, "n_cells": n_cells,
                            "n_significant": len(groups.get("all", []))}
-    for g, items in groups.items():
+    # arms, optimisers, all, then per target domain
+    def rank(g: str) -> tuple[int, str]:
+        return (3 if ":" in g else 0 if "/" in g else 2 if g == "all" else 1), g
+
+    order = sorted(groups, key=rank)
+    for g in order:
         out["groups"][g] = {
             p: score([((pd.get("predictions", {}).get(p) or {}).get("mean"), pd["observed"]["mean"])
-                      for pd, _ in items])
+                      for pd, _ in groups[g]], magnitude=p != "recency")
             for p in PREDICTORS}
     return out

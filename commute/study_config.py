@@ -232,7 +232,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lambda_iters": 15,
         "replicates": 3,
         "response": {"n_groups": 2, "batch_size": 10},
-        "locality": {"T_grid": [20, 10, 5], "lr_times_lambda": [0.001, 0.05, 1.0], "delta_w": 0.3,
+        "locality": {"T_grid": [20, 5], "lr_times_lambda": [0.001, 0.05, 1.0], "delta_w": 0.3,
                      "batch_size": 8},
     },
     "small": {
