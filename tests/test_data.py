@@ -539,7 +539,8 @@ def test_cli_info_and_errors(tmp_path, monkeypatch, capsys) -> None:
     docs = make_docs(60)
     src.write_text("\n\n".join(docs))
     out = tmp_path / "info.json"
-    assert main(["data", "info", f"mine={src}", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    cache = str(tmp_path / "cache")
+    assert main(["data", "info", f"mine={src}", "--cache-dir", cache, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert rows[0]["name"] == "mine" and rows[0]["docs_train"] + rows[0]["docs_val"] == 60
     n_tr, n_va = rows[0]["docs_train"], rows[0]["docs_val"]
