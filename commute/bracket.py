@@ -27,6 +27,7 @@ from torch import Tensor
 Params = Tensor | Mapping[str, Tensor]
 Loss = Callable[[Params], Tensor]
 HvpMode = Literal["rev-rev", "fwd-rev"]
+HvpsMode = Literal["rev-rev", "fwd-rev", "fwd-rev-vmap"]
 
 __all__ = [
     "Params",
@@ -35,6 +36,7 @@ __all__ = [
     "hvp",
     "hvps",
     "graph_hvps",
+    "hvp_function",
     "lie_bracket",
     "bracket_projection",
     "reorder_excess",
@@ -139,17 +141,88 @@ def graph_hvps(
     return out
 
 
-def hvps(loss: Loss, params: Params, vs: Sequence[Params]) -> list[Params]:
-    """Hessian-vector products H v for several v, sharing one double-backward graph.
+def hvps(loss: Loss, params: Params, vs: Sequence[Params], mode: HvpsMode = "rev-rev") -> list[Params]:
+    """Hessian-vector products H v for several v.
 
-    Reverse-over-reverse (Pearlmutter 1994): build g = grad L with ``create_graph=True`` once, then
-    H v = grad <g, v> for each v (:func:`graph_hvps`).
+    ``mode="rev-rev"`` (default): reverse-over-reverse (Pearlmutter 1994), sharing one double-backward
+    graph: build g = grad L with ``create_graph=True`` once, then H v = grad <g, v> for each v
+    (:func:`graph_hvps`). ``mode="fwd-rev"``: one ``jvp`` of ``torch.func.grad`` per v (as :func:`hvp`).
+    ``mode="fwd-rev-vmap"``: the same ``jvp`` batched over the vectors with ``torch.func.vmap`` (one
+    forward-over-reverse pass with K tangents; the forward-mode routes need a functional ``loss``, e.g.
+    through ``torch.func.functional_call``, and ``F.mse_loss`` cannot be differentiated this way on
+    torch 2.13, docs/design.md §2). All modes agree to float rounding; bench/bench_hvp.py measures them
+    (on one CPU thread "rev-rev" is the fastest eager mode).
     """
-    keys, leaves = _fresh(params)
-    value = loss(_rebuild(keys, leaves))
-    gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-    vls = [_leaves(v)[1] if keys is None else tuple(v[k] for k in keys) for v in vs]  # type: ignore[index]
-    return [_rebuild(keys, hv) for hv in graph_hvps(gs, leaves, vls)]
+    if mode == "rev-rev":
+        keys, leaves = _fresh(params)
+        value = loss(_rebuild(keys, leaves))
+        gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        vls = [_vector_leaves(keys, v) for v in vs]
+        return [_rebuild(keys, hv) for hv in graph_hvps(gs, leaves, vls)]
+    if mode not in ("fwd-rev", "fwd-rev-vmap"):
+        raise ValueError(f"unknown HVP mode {mode!r}; use 'rev-rev', 'fwd-rev' or 'fwd-rev-vmap'")
+    return hvp_function(loss, mode)(params, vs)
+
+
+def _vector_leaves(keys: list[str] | None, v: Params) -> tuple[Tensor, ...]:
+    """The leaves of a vector in the order of the parameters' ``keys``."""
+    return _leaves(v)[1] if keys is None else tuple(v[k] for k in keys)  # type: ignore[index]
+
+
+def _jvp_quiet(f: Callable[..., Any], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> Any:
+    with warnings.catch_warnings():  # torch's forward-AD decompositions still call torch.jit.script
+        warnings.filterwarnings("ignore", r".*torch\.jit\.script.* is deprecated", DeprecationWarning)
+        return torch.func.jvp(f, primals, tangents)
+
+
+def hvp_function(
+    loss: Loss, mode: HvpsMode = "rev-rev", compile: bool = False, **compile_kwargs: Any
+) -> Callable[[Params, Sequence[Params]], list[Params]]:
+    """A reusable ``f(params, vs) -> [H v for v in vs]`` for a fixed ``loss``, optionally compiled.
+
+    ``mode`` as in :func:`hvps`. ``compile=True`` wraps the forward-over-reverse product (modes
+    ``"fwd-rev"`` and ``"fwd-rev-vmap"``; double backward cannot be compiled) in ``torch.compile``
+    (``compile_kwargs`` are passed on). The first call per shape compiles, which takes tens of seconds on
+    a CPU; it pays off only over many products of the same shapes (bench/bench_hvp.py reports both).
+    """
+    if mode == "rev-rev":
+        if compile:
+            raise ValueError("mode 'rev-rev' (double backward) cannot be compiled; use 'fwd-rev-vmap'")
+        return lambda params, vs: hvps(loss, params, vs)
+    if mode not in ("fwd-rev", "fwd-rev-vmap"):
+        raise ValueError(f"unknown HVP mode {mode!r}; use 'rev-rev', 'fwd-rev' or 'fwd-rev-vmap'")
+    state: dict[str, list[str] | None] = {"keys": None}
+
+    def gradient(*ps: Tensor) -> tuple[Tensor, ...]:
+        keys = state["keys"]
+        return torch.func.grad(lambda *qs: loss(_rebuild(keys, qs)), argnums=tuple(range(len(ps))))(*ps)
+
+    def one(primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return torch.func.jvp(gradient, primals, tangents)[1]
+
+    def batched(primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return torch.func.vmap(lambda *ts: torch.func.jvp(gradient, primals, ts)[1])(*tangents)
+
+    inner: Callable[..., tuple[Tensor, ...]] = batched if mode == "fwd-rev-vmap" else one
+    if compile:
+        inner = torch.compile(inner, **compile_kwargs)
+
+    def apply(params: Params, vs: Sequence[Params]) -> list[Params]:
+        keys, leaves = _leaves(params)
+        state["keys"] = keys
+        primals = tuple(x.detach() for x in leaves)
+        vls = [tuple(x.detach() for x in _vector_leaves(keys, v)) for v in vs]
+        if not vls:
+            return []
+        with warnings.catch_warnings():  # torch's forward-AD decompositions still call torch.jit.script
+            warnings.filterwarnings("ignore", r".*torch\.jit\.script.* is deprecated", DeprecationWarning)
+            if mode == "fwd-rev":
+                return [_rebuild(keys, list(inner(primals, vl))) for vl in vls]
+            stacked = tuple(torch.stack(ts) for ts in zip(*vls, strict=True))
+            out = inner(primals, stacked)
+        return [_rebuild(keys, [h[m] for h in out]) for m in range(len(vls))]
+
+    return apply
 
 
 def hvp(loss: Loss, params: Params, v: Params, mode: HvpMode = "rev-rev") -> Params:
@@ -179,11 +252,50 @@ def hvp(loss: Loss, params: Params, v: Params, mode: HvpMode = "rev-rev") -> Par
 # --------------------------------------------------------------------------------------------------
 # the paper's quantities
 # --------------------------------------------------------------------------------------------------
+def _bracket_parts(
+    loss_i: Loss, loss_j: Loss, params: Params, mode: HvpMode
+) -> tuple[Params, list[Tensor], list[Tensor]]:
+    """R(L_i, L_j) with the gradients met on the way: (R, g_i leaves, g_j leaves).
+
+    The gradients come out of the HVPs' own passes instead of extra ones. ``"rev-rev"``: the
+    ``create_graph`` gradients of L_i and L_j are g_i and g_j, and each graph then gives its HVP
+    (both graphs are alive until H_j g_i is taken: the peak memory of two double-backward graphs).
+    ``"fwd-rev"``: one gradient g_i, then jvp(grad L_j)(g_i) = (g_j, H_j g_i) and H_i g_j.
+    """
+    if mode == "rev-rev":
+        keys, leaves = _fresh(params)
+        p = _rebuild(keys, leaves)
+        gs_i = torch.autograd.grad(loss_i(p), leaves, create_graph=True, allow_unused=True)
+        gs_j = torch.autograd.grad(loss_j(p), leaves, create_graph=True, allow_unused=True)
+        g_i = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs_i, strict=True)]
+        g_j = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs_j, strict=True)]
+        hj_gi = graph_hvps(gs_j, leaves, [g_i])[0]
+        del gs_j
+        hi_gj = graph_hvps(gs_i, leaves, [g_j])[0]
+        return _rebuild(keys, [a - b for a, b in zip(hj_gi, hi_gj, strict=True)]), g_i, g_j
+    if mode != "fwd-rev":
+        raise ValueError(f"unknown HVP mode {mode!r}; use 'rev-rev' or 'fwd-rev'")
+    keys, leaves = _leaves(params)
+    primals = tuple(x.detach() for x in leaves)
+    g_i = list(_leaves(grad(loss_i, params))[1])
+
+    def gradient(f: Loss) -> Callable[..., tuple[Tensor, ...]]:
+        argnums = tuple(range(len(primals)))
+        return lambda *ps: torch.func.grad(lambda *qs: f(_rebuild(keys, qs)), argnums=argnums)(*ps)
+
+    g_j, hj_gi = _jvp_quiet(gradient(loss_j), primals, tuple(g_i))
+    _, hi_gj = _jvp_quiet(gradient(loss_i), primals, tuple(x.detach() for x in g_j))
+    return _rebuild(keys, [a - b for a, b in zip(hj_gi, hi_gj, strict=True)]), g_i, list(g_j)
+
+
 def lie_bracket(loss_i: Loss, loss_j: Loss, params: Params, mode: HvpMode = "rev-rev") -> Params:
-    """Lie bracket of the gradient fields, paper eq. (6): R(L_i, L_j) = H_j g_i - H_i g_j."""
-    g_i = grad(loss_i, params)
-    g_j = grad(loss_j, params)
-    return tree_sub(hvp(loss_j, params, g_i, mode), hvp(loss_i, params, g_j, mode))
+    """Lie bracket of the gradient fields, paper eq. (6): R(L_i, L_j) = H_j g_i - H_i g_j.
+
+    g_i and g_j are taken from the HVPs' own passes (no separate gradients in ``"rev-rev"``, one in
+    ``"fwd-rev"``); the result equals the textbook composition of :func:`grad` and :func:`hvp` to float
+    rounding.
+    """
+    return _bracket_parts(loss_i, loss_j, params, mode)[0]
 
 
 def bracket_projection(
@@ -193,9 +305,16 @@ def bracket_projection(
 
     P(L_i, L_j; L) = <R(L_i, L_j), grad L> = g_L . H_j g_i - g_L . H_i g_j.
     Under gradient flow, L(theta_ij) - L(theta_base) = (dt^2 / 2) P + O(dt^3) (Theorem 3.1).
+    When ``loss_target`` is ``loss_i`` or ``loss_j`` (the same object), its gradient is reused.
     """
-    r = lie_bracket(loss_i, loss_j, params, mode)
-    return float(tree_dot(r, grad(loss_target, params)))
+    r, g_i, g_j = _bracket_parts(loss_i, loss_j, params, mode)
+    if loss_target is loss_i:
+        g_l: Params = _rebuild(_leaves(params)[0], g_i)
+    elif loss_target is loss_j:
+        g_l = _rebuild(_leaves(params)[0], g_j)
+    else:
+        g_l = grad(loss_target, params)
+    return float(tree_dot(r, g_l))
 
 
 # --------------------------------------------------------------------------------------------------
