@@ -973,13 +973,30 @@ class MixtureSampler:
         dom[np.argsort(rows, kind="stable")] = np.repeat(np.arange(len(p)), counts)
         return dom, counts
 
-    def next_batch(self, weights: Mapping[str, float]) -> Batch:
-        """The batch of the current :attr:`step` under ``weights`` (= w(step)); advances the step."""
+    def next_batch(self, weights: Mapping[str, float], shard: tuple[int, int] | None = None) -> Batch:
+        """The batch of the current :attr:`step` under ``weights`` (= w(step)); advances the step.
+
+        ``shard=(rank, world_size)`` (several training processes): the step's *global* batch is composed
+        as without it (every row's domain, every stream counter and token count advance for all B rows),
+        but only rows rank·B/W .. (rank+1)·B/W − 1 are returned (B must be a multiple of W): the shards of
+        the W ranks, stacked in rank order, are the unsharded batch, and the state stays the global one.
+        """
+        lo, hi = 0, self.batch_size
+        if shard is not None:
+            rank, world = (int(x) for x in shard)
+            if world < 1 or not 0 <= rank < world:
+                raise CommuteError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got "
+                                   f"{shard}.")
+            if self.batch_size % world:
+                raise CommuteError(f"batch_size={self.batch_size} is not divisible by the {world} processes; "
+                                   "use a batch_size that is a multiple of the world size.")
+            per = self.batch_size // world
+            lo, hi = rank * per, (rank + 1) * per
         p = self._probs(weights, self.step)
         dom, counts = self._assign(p, self.step)
         if self.mode == "exact":
             self._residual += self.batch_size * p - counts
-        out = np.empty((self.batch_size, self.seq_len), dtype=self._dtype)
+        out = np.empty((hi - lo, self.seq_len), dtype=self._dtype)
         for k, name in enumerate(self.domain_names):
             rows = np.flatnonzero(dom == k)
             n = len(rows)
@@ -987,12 +1004,16 @@ class MixtureSampler:
                 continue
             c = self.counters[name]
             starts = (_stream(self._keys[k], c, n) % self._n_starts[k]).astype(np.int64)
-            out[rows] = self.domains[name].train[starts[:, None] + self._offsets]
+            if shard is None:
+                out[rows] = self.domains[name].train[starts[:, None] + self._offsets]
+            else:
+                mine = (rows >= lo) & (rows < hi)
+                out[rows[mine] - lo] = self.domains[name].train[starts[mine][:, None] + self._offsets]
             self.counters[name] = c + n
             self.tokens_drawn[name] += n * self.seq_len
         batch = Batch(
             input_ids=torch.from_numpy(out.astype(np.int64)),
-            domain=torch.from_numpy(dom),
+            domain=torch.from_numpy(dom if shard is None else dom[lo:hi].copy()),
             step=self.step,
             weights={k: float(v) for k, v in weights.items()},
         )

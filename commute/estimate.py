@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from commute.bracket import graph_hvps, intervention_excess, tree_dot
 from commute.curvature import math_attention
+from commute.distributed import SINGLE, World, owned
 from commute.errors import CommuteError
 from commute.io import atomic_write
 from commute.progress import Progress
@@ -377,6 +378,7 @@ class BracketEstimator:
         n_groups: int = 10,
         mode: Mode = "auto",
         progress: bool = False,
+        distributed: bool = False,
     ) -> BracketReport:
         """Estimate P(L_i, L_j; L) for every ordered pair of domains and every target.
 
@@ -393,6 +395,15 @@ class BracketEstimator:
             mode: ``"pairs"`` (K(K-1) HVPs per HVP batch, any target afterwards), ``"targets"`` (K*M HVPs),
                 or ``"auto"`` for the fewer.
             progress: show a rich progress bar on stderr.
+            distributed: split the groups over the processes of a torchrun run (every rank must call this
+                with the same model weights, domains and arguments; the process group is joined from the
+                torchrun environment if it is not yet, see :mod:`commute.distributed`). Rank r computes
+                groups r, r+W, ... on the model it was given (the unwrapped module: DDP has no double
+                backward), drawing and discarding the other groups' batches so that every group sees the
+                batches it would see on one process; the per-group samples are then summed over ranks
+                (the zeros of skipped groups add exactly), so every rank returns the one-process report
+                (``seconds``: the slowest rank's; ``meta["world_size"]`` added). On one process this is
+                the plain estimate.
 
         Each batch of a domain is used exactly once: in group g, for each domain, first the A batches,
         then the B batches, then the HVP batches.
@@ -422,53 +433,50 @@ class BracketEstimator:
         used = dict.fromkeys(names, 0)
         hvp0, grad0 = self.n_hvp, self.n_grad
         t0 = time.perf_counter()
+        world = self._world() if distributed else SINGLE
+        mine = set(owned(G, world))
+        per_group = 2 * n_half + n_h  # batches of each domain per group
+        failure: CommuteError | None = None
 
         modes = [(m, m.training) for m in self.model.modules()]
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(math_attention())
-            bar = Progress(f"bracket ({mode}, K={K})", G * K * (2 * n_half + n_h), enabled=progress,
-                           unit="batches", transient=True)
+            bar = Progress(f"bracket ({mode}, K={K})", len(mine) * K * per_group,
+                           enabled=progress and world.main, unit="batches", transient=True)
             stack.enter_context(bar)
             self.model.eval()
             stack.callback(_restore_modes, modes)
             for g in range(G):
-                A, B = [], []
-                for k, name in enumerate(names):
-                    losses: list[float] = []
-                    A.append(self._mean_grad(name, iters[name], n_half, used[name], losses, bar.advance))
-                    B.append(self._mean_grad(name, iters[name], n_half, used[name] + n_half, losses,
-                                             bar.advance))
-                    used[name] += 2 * n_half
-                    loss_groups[g, k] = float(np.mean(losses))
-                # S[t, j, i] = mean_h  c_t-target-gradient^A . H_j^h g_i^B  (i != j)
-                S = np.zeros((T, K, K))
-                targ = [_combine(W[m], A) for m in range(M)] if mode == "targets" else []
-                for _ in range(n_h):
-                    for j, name in enumerate(names):
-                        loss = self._loss(name, iters[name], used[name])
-                        used[name] += 1
-                        others = [i for i in range(K) if i != j]
-                        if mode == "pairs":  # H_j B_i for i != j, dotted with every A_k
-                            for i, hv in zip(others, self._hvps(loss, [B[i] for i in others]), strict=True):
-                                for t in range(T):
-                                    S[t, j, i] += _dot(A[t], hv)
-                        else:  # H_j (sum_k c_mk A_k) for every target m, dotted with every B_i
-                            for t, hv in enumerate(self._hvps(loss, targ)):
-                                for i in others:
-                                    S[t, j, i] += _dot(hv, B[i])
-                        del loss
-                        bar.advance()
-                S /= n_h
-                # P(i, j; t) = g_t . H_j g_i - g_t . H_i g_j
-                p_groups[g] = np.einsum("tji->ijt", S) - np.einsum("tij->ijt", S)
-                del A, B, targ
-
+                try:
+                    if g not in mine:  # another rank's group: its batches are drawn and left to that rank
+                        self._skip(names, iters, used, per_group)
+                    else:
+                        p_groups[g], loss_groups[g] = self._group(names, iters, used, n_half, n_h, mode, W,
+                                                                  T, bar.advance)
+                except CommuteError as exc:
+                    if not world.enabled:
+                        raise
+                    failure = exc  # the others are told below, at the one collective, instead of hanging
+                    break
+        if world.enabled:
+            if world.any(failure is not None):
+                raise failure or CommuteError("the distributed bracket estimate failed on another process "
+                                              "(its message is in that process's output).")
+            p_groups = world.all_sum(p_groups)
+            loss_groups = world.all_sum(loss_groups)
         if not np.all(np.isfinite(p_groups)):
             raise CommuteError("the bracket estimate is not finite (the loss is finite, so gradients or "
                                "Hessian-vector products overflowed); check the model's state and dtype.")
         hvp_per_batch = K * (K - 1) if mode == "pairs" else K * M
-        n_hvp = self.n_hvp - hvp0
+        n_hvp, n_grad = self.n_hvp - hvp0, self.n_grad - grad0
+        seconds = time.perf_counter() - t0
+        meta: dict[str, Any] = {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                                "n_params": self.n_params}
+        if world.enabled:
+            n_hvp, n_grad = (int(x) for x in world.all_sum([n_hvp, n_grad]))
+            seconds = float(world.all_max([seconds])[0])
+            meta["world_size"] = world.world_size
         assert n_hvp == G * n_h * hvp_per_batch, (n_hvp, G, n_h, hvp_per_batch)
         return BracketReport(
             domains=names,
@@ -482,11 +490,63 @@ class BracketEstimator:
             mode=mode,
             n_hvp=n_hvp,
             hvp_per_batch=hvp_per_batch,
-            n_grad=self.n_grad - grad0,
-            seconds=time.perf_counter() - t0,
-            meta={"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                  "n_params": self.n_params},
+            n_grad=n_grad,
+            seconds=seconds,
+            meta=meta,
         )
+
+    def _world(self) -> World:
+        """The processes to split the groups over (joining torchrun's process group if needed)."""
+        from commute.distributed import setup
+
+        return setup("cuda" if self.device.type == "cuda" else "cpu")
+
+    def _skip(self, names: Sequence[str], iters: Mapping[str, Iterator[Any]], used: dict[str, int],
+              n: int) -> None:
+        """Draw (and drop) the next ``n`` batches of every domain: a group another rank computes."""
+        for name in names:
+            for _ in range(n):
+                try:
+                    next(iters[name])
+                except StopIteration:
+                    raise CommuteError(f"domain {name!r} ran out of batches after {used[name]}; give an "
+                                       "infinite iterator or more batches, or ask for fewer.") from None
+                used[name] += 1
+
+    def _group(self, names: Sequence[str], iters: Mapping[str, Iterator[Any]], used: dict[str, int],
+               n_half: int, n_h: int, mode: str, W: np.ndarray, T: int,
+               advance: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+        """One group's P samples ``[K, K, T]`` and mean gradient-batch losses ``[K]``."""
+        K, M = len(names), W.shape[0]
+        loss_g = np.zeros(K)
+        A, B = [], []
+        for k, name in enumerate(names):
+            losses: list[float] = []
+            A.append(self._mean_grad(name, iters[name], n_half, used[name], losses, advance))
+            B.append(self._mean_grad(name, iters[name], n_half, used[name] + n_half, losses, advance))
+            used[name] += 2 * n_half
+            loss_g[k] = float(np.mean(losses))
+        # S[t, j, i] = mean_h  c_t-target-gradient^A . H_j^h g_i^B  (i != j)
+        S = np.zeros((T, K, K))
+        targ = [_combine(W[m], A) for m in range(M)] if mode == "targets" else []
+        for _ in range(n_h):
+            for j, name in enumerate(names):
+                loss = self._loss(name, iters[name], used[name])
+                used[name] += 1
+                others = [i for i in range(K) if i != j]
+                if mode == "pairs":  # H_j B_i for i != j, dotted with every A_k
+                    for i, hv in zip(others, self._hvps(loss, [B[i] for i in others]), strict=True):
+                        for t in range(T):
+                            S[t, j, i] += _dot(A[t], hv)
+                else:  # H_j (sum_k c_mk A_k) for every target m, dotted with every B_i
+                    for t, hv in enumerate(self._hvps(loss, targ)):
+                        for i in others:
+                            S[t, j, i] += _dot(hv, B[i])
+                del loss
+                advance()
+        S /= n_h
+        # P(i, j; t) = g_t . H_j g_i - g_t . H_i g_j
+        return np.einsum("tji->ijt", S) - np.einsum("tij->ijt", S), loss_g
 
     def tournament(
         self,
@@ -497,6 +557,7 @@ class BracketEstimator:
         n_groups: int = 10,
         name: str | None = None,
         progress: bool = False,
+        distributed: bool = False,
     ) -> TournamentReport:
         """The order tournament for one target L: every domain's score S_i = sum_j P(L_i, L_j; L).
 
@@ -508,7 +569,7 @@ class BracketEstimator:
         Args:
             target: a domain name, the uniform mixture's name (``"mix"``; the default ``None``), or a dict
                 of domain weights (a target L = sum_k c_k L_k, e.g. the training mix at this step).
-            n_grad_batches, n_hvp_batches, n_groups, progress: as for :meth:`estimate`.
+            n_grad_batches, n_hvp_batches, n_groups, progress, distributed: as for :meth:`estimate`.
             name: the target's name in the report (default: its name, or ``"target"`` for a dict).
 
         Returns a :class:`TournamentReport`: ``report.order`` is the suggested training order (first to
@@ -517,7 +578,7 @@ class BracketEstimator:
         """
         label, weights = _one_target(target, self.domain_names, name)
         rep = self.estimate(n_grad_batches, n_hvp_batches, targets={label: weights}, n_groups=n_groups,
-                            mode="targets", progress=progress)
+                            mode="targets", progress=progress, distributed=distributed)
         assert rep.hvp_per_batch == len(self.domain_names)
         return rep.tournament(label)
 

@@ -56,6 +56,9 @@ from commute.checkpoint import (
     stored_schedule_path,
 )
 from commute.checkpoint import sha256_file as _sha256
+from commute.distributed import SINGLE, World, device_for, shard_batch
+from commute.distributed import setup as setup_distributed
+from commute.distributed import shard_rows as shard_rows_check
 from commute.errors import CommuteError, NonFiniteLossError, note_interrupt
 from commute.metrics import Interval, Metrics, csv_fields, read_metrics
 from commute.model import build_model, count_parameters, model_config, sequence_losses
@@ -263,6 +266,31 @@ def evaluate(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
     return out
 
 
+@torch.no_grad()
+def _evaluate_sharded(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
+                      world: World) -> dict[str, float]:
+    """:func:`evaluate` on several processes: rank r takes batches r, r+W, ... of every domain; the loss
+    sums and sequence counts are summed over ranks, so every rank gets the losses of all the batches."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    try:
+        for batches in val_batches.values():
+            total, n = 0.0, 0
+            for i in range(world.rank, len(batches), world.world_size):
+                ids = getattr(batches[i], "input_ids", batches[i]).to(device)
+                losses = sequence_losses(model, ids)
+                total += float(losses.double().sum())
+                n += losses.numel()
+            sums += [total, n]
+    finally:
+        model.train(was_training)
+    tot = world.all_sum(sums)
+    return {name: float(tot[2 * k] / tot[2 * k + 1]) if tot[2 * k + 1] else float("nan")
+            for k, name in enumerate(val_batches)}
+
+
 def diverged(what: str, lr: float, last_checkpoint: Path | None) -> NonFiniteLossError:
     """The one sentence of a diverged run: what happened, the last (healthy) checkpoint and how to go on
     from it with a lower learning rate (a branch into a new directory: ``lr`` is a branch field)."""
@@ -298,6 +326,23 @@ def _micro_batch_loss(seq: Tensor, dom: Tensor | None, weights: Mapping[str, flo
     return torch.stack(parts).sum() / wsum
 
 
+def _sharded_micro_batch_loss(seq: Tensor, dom: Tensor | None, weights: Mapping[str, float],
+                              names: Sequence[str], world: World) -> Tensor:
+    """This rank's share of :func:`_micro_batch_loss` of the global micro-batch: with N_k the rows of domain
+    k in the global micro-batch (summed over ranks), W · Σ_k w_k · Σ_{local b: d_b=k} ℓ_b / N_k / Σ_k w_k;
+    DDP's mean over the W ranks is then the global loss."""
+    if dom is None:
+        raise CommuteError("loss_weighting='domain' needs batches with domain ids.")
+    dom_d = dom.to(seq.device)
+    counts = world.all_sum([int((dom == i).sum()) for i in range(len(names))])
+    parts, wsum = [], 0.0
+    for i, n in enumerate(names):
+        if weights.get(n, 0.0) > 0 and counts[i] > 0:
+            parts.append(weights[n] * seq[dom_d == i].sum() / float(counts[i]))
+            wsum += weights[n]
+    return torch.stack(parts).sum() * (world.world_size / wsum)
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -311,6 +356,7 @@ def train_step(
     autocast: torch.dtype | None = None,
     step: int = 0,
     last_checkpoint: Path | None = None,
+    world: World = SINGLE,
 ) -> StepResult:
     """One optimiser step at learning rate ``lr`` on M = ``len(micro_batches)`` micro-batches.
 
@@ -324,11 +370,19 @@ def train_step(
     then clips the global gradient norm to ``grad_clip`` (0 = off). ``autocast`` is the mixed-precision
     compute dtype (None = off). A non-finite loss raises :class:`NonFiniteLossError` before the optimiser
     steps, naming ``step`` and ``last_checkpoint``.
+
+    Several processes (``world`` of :mod:`commute.distributed`, ``model`` wrapped in DDP): every rank passes
+    its equal share of each micro-batch's rows; the local losses are scaled so that DDP's average of the
+    gradients over ranks is the gradient of the global L_m above (for ``"domain"`` the per-domain row
+    counts of the global micro-batch are summed over ranks first), gradients are synchronised once per step
+    (``no_sync`` on all micro-batches but the last), and the returned loss, domain sums and token counts are
+    those of the global batch (summed over ranks), identical on every rank.
     """
     for g in optimizer.param_groups:
         g["lr"] = lr
     device = next(model.parameters()).device
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    vocab = getattr(getattr(model.module if ddp else model, "config", None), "vocab_size", None)
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     step_loss = 0.0
@@ -336,16 +390,23 @@ def train_step(
     dom_n = dict.fromkeys(names, 0)
     dom_tokens = dict.fromkeys(names, 0)
     n_tokens = 0
-    for mb in micro_batches:
+    for m, mb in enumerate(micro_batches):
         ids = getattr(mb, "input_ids", mb)
         dom = getattr(mb, "domain", None)
         if isinstance(vocab, int) and isinstance(ids, Tensor) and ids.numel():
             _check_token_ids(ids, vocab, step)
         ids = ids.to(device, non_blocking=True)
-        with amp:
-            seq = sequence_losses(model, ids)
-        loss = _micro_batch_loss(seq, dom, weights, names) if loss_weighting == "domain" else seq.mean()
-        (loss / len(micro_batches)).backward()
+        sync = model.no_sync() if ddp and m < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync:
+            with amp:
+                seq = sequence_losses(model, ids)
+            if loss_weighting != "domain":
+                loss = seq.mean()
+            elif world.enabled:
+                loss = _sharded_micro_batch_loss(seq, dom, weights, names, world)
+            else:
+                loss = _micro_batch_loss(seq, dom, weights, names)
+            (loss / len(micro_batches)).backward()
         step_loss += float(loss.detach()) / len(micro_batches)
         if dom is not None:
             sl = seq.detach().double().cpu()
@@ -357,6 +418,14 @@ def train_step(
                     dom_n[n] += k
                     dom_tokens[n] += k * ids.shape[1]
         n_tokens += ids.numel()
+    if world.enabled:  # the global batch's sums (the loss: the mean of the ranks' scaled local losses)
+        k = len(names)
+        tot = world.all_sum([step_loss, n_tokens] + [dom_sum[n] for n in names] + [dom_n[n] for n in names]
+                            + [dom_tokens[n] for n in names])
+        step_loss, n_tokens = float(tot[0]) / world.world_size, int(tot[1])
+        dom_sum = {n: float(tot[2 + i]) for i, n in enumerate(names)}
+        dom_n = {n: int(tot[2 + k + i]) for i, n in enumerate(names)}
+        dom_tokens = {n: int(tot[2 + 2 * k + i]) for i, n in enumerate(names)}
     if not math.isfinite(step_loss):
         raise diverged(f"the training loss became {step_loss} at step {step}", lr, last_checkpoint)
     if grad_clip:
@@ -575,6 +644,25 @@ def _validation_batches(cfg: TrainConfig, domains: Mapping[str, Any],
     return dict(given or {})
 
 
+def _join_world(cfg: TrainConfig, batch_source: Any) -> World:
+    """The processes of this run (:func:`commute.distributed.setup`: joins torchrun's process group, if any).
+    Checked first (a one-sentence error on every rank, before any rank waits for the others): the sampler's
+    batch must split evenly, and the device must leave the choice of GPU to LOCAL_RANK."""
+    from commute.distributed import current, env_world
+
+    world = current() if current().enabled else env_world()
+    if world.enabled:
+        if batch_source is None:
+            shard_rows_check(cfg.batch_size, world)
+        dev = cfg.device
+        if dev.startswith("mps"):
+            raise CommuteError("training on several processes needs cpu or cuda devices, not mps.")
+        if dev.startswith("cuda:"):
+            raise CommuteError(f"device {dev!r} names one GPU, but under torchrun every process uses the GPU "
+                               "of its LOCAL_RANK; set device to cuda (or auto).")
+    return setup_distributed(cfg.device)
+
+
 @contextlib.contextmanager
 def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
     """Inside: ``torch.use_deterministic_algorithms(enabled)`` and a forked RNG; both restored after."""
@@ -600,8 +688,10 @@ class _Run:
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, names: list[str], sched: Any,
-                 domains: Mapping[str, Any], batch_source: Any, device: torch.device, vocab: int) -> None:
+                 domains: Mapping[str, Any], batch_source: Any, device: torch.device, vocab: int,
+                 world: World = SINGLE) -> None:
         self.cfg, self.out_dir, self.names, self.sched, self.device = cfg, out_dir, names, sched, device
+        self.world = world
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, vocab_size=vocab, dtype=DTYPES[cfg.dtype],
                                  attn_implementation=cfg.attn_implementation, **cfg.model_overrides)
@@ -610,6 +700,8 @@ class _Run:
                                f"{self.model.config.n_positions}; lower seq_len or set "
                                "model_overrides.n_positions.")
         self.model.to(device)
+        #: what the steps run through: the model itself, or its DDP wrapper on several processes (begin)
+        self.train_model: torch.nn.Module = self.model
         self.optimizer = _build_optimizer(self.model, cfg)
         self.sampler = None
         if batch_source is None:
@@ -700,6 +792,8 @@ class _Run:
             "parent": st["parent"],
             "torch": torch.__version__,
             "time": time.time(),
+            # several processes: recorded for the reader (a resume may use any number of processes)
+            **({"world_size": self.world.world_size} if self.world.enabled else {}),
         }
 
     def unhealthy(self) -> str | None:
@@ -727,25 +821,38 @@ class _Run:
         """Save a checkpoint at step ``at`` (only healthy weights: see :meth:`unhealthy`) and prune periodic
         ones beyond ``keep_last``."""
         bad = self.unhealthy()
+        if self.world.enabled and self.world.any(bad is not None):  # every rank stops, or none
+            bad = bad or "give a non-finite loss on another process's rows of the last batch"
         if bad is not None:
             raise diverged(f"the weights reached at step {at} {bad}", self.lr, self.last_ck)
-        # _sha256 is read from this module at call time: tests replace it to simulate a crash mid-write
-        p = save_checkpoint(self.out_dir, at, self.model, self.optimizer, self.state_dict(at),
-                            checksum=_sha256)
-        prune_checkpoints(self.out_dir, self.cfg.keep_last, self.ckpt_steps, current=p)
+        if self.world.main:
+            # _sha256 is read from this module at call time: tests replace it to simulate a crash mid-write
+            p = save_checkpoint(self.out_dir, at, self.model, self.optimizer, self.state_dict(at),
+                                checksum=_sha256)
+            prune_checkpoints(self.out_dir, self.cfg.keep_last, self.ckpt_steps, current=p)
+        else:  # rank 0 writes it (every rank holds the same weights, optimiser and sampler state)
+            p = self.out_dir / "checkpoints" / f"step_{at:08d}"
+        self.world.barrier()  # no rank goes on (or returns) before the checkpoint is complete
         self.last_ck = p
         return p
 
     def validate(self, at: int) -> dict[str, float]:
         """Evaluate on the validation batches (if any) and remember the result; the last one otherwise."""
         if self.val_batches:
-            self.last_val, self.last_val_step = evaluate(self.model, self.val_batches), at
+            val = (evaluate(self.model, self.val_batches) if not self.world.enabled
+                   else _evaluate_sharded(self.model, self.val_batches, self.world))
+            self.last_val, self.last_val_step = val, at
         return self.last_val
 
     def begin(self, origin: _Origin, end: int) -> None:
         """Before the first step: evaluate and checkpoint a new start point, open the batches, start the
         clocks."""
         self.end = end
+        if self.world.enabled:  # after restore(): every rank holds the same weights already
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         if not origin.resume and self.val_batches:  # fresh run or new branch: evaluate the start point
             assert self.metrics is not None
             self.metrics.write_start(self.step, self.validate(self.step), self.tokens)
@@ -758,8 +865,10 @@ class _Run:
 
     def micro_batches(self, t: int, w: Mapping[str, float]) -> list[Any]:
         """Step ``t``'s micro-batches: ``grad_accum`` sampler batches at weights ``w``, or the source's."""
+        world = self.world
         if self.sampler is not None:
-            mbs = [self.sampler.next_batch(w) for _ in range(self.cfg.grad_accum)]
+            shard = (world.rank, world.world_size) if world.enabled else None
+            mbs = [self.sampler.next_batch(w, shard=shard) for _ in range(self.cfg.grad_accum)]
         elif self.source_iter is not None:
             try:
                 mbs = _as_micro_batches(next(self.source_iter))
@@ -767,6 +876,8 @@ class _Run:
                 raise CommuteError(f"the batch source ran out at step {t}.") from None
         else:
             mbs = _as_micro_batches(self.batch_source(t))
+        if world.enabled and self.sampler is None:  # a given batch is global: this rank takes its rows
+            mbs = [shard_batch(mb, world) for mb in mbs]
         self.probe = mbs[-1] if mbs else None
         return mbs
 
@@ -813,6 +924,22 @@ class _Run:
                            metrics_path=self.out_dir / "metrics.csv")
 
 
+class _NoMetrics:
+    """The metrics writer of ranks other than 0 (only rank 0 writes metrics.csv and TensorBoard)."""
+
+    def write_start(self, *args: Any) -> None:
+        pass
+
+    def write_step(self, *args: Any) -> None:
+        pass
+
+    def __enter__(self) -> _NoMetrics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _as_micro_batches(item: Any) -> list[Any]:
     if isinstance(item, list | tuple):
         return list(item)
@@ -854,7 +981,18 @@ def train(
       LongTensor) or a list of micro-batches. Resume needs the callable form (an iterable cannot rewind).
     * ``val_batches``: ``{name: [batches]}`` for validation (default: ``eval_batches`` fixed batches per
       domain from each domain's validation split).
-    * ``callbacks``: called with a :class:`StepInfo` after every step.
+    * ``callbacks``: called with a :class:`StepInfo` after every step (on every process of a torchrun run).
+
+    Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1 in the environment; see
+    :mod:`commute.distributed`) the run is data-parallel: the default process group is initialised (``nccl``
+    on CUDA, each rank on ``cuda:LOCAL_RANK``; ``gloo`` on CPU) unless it already is, the model is wrapped
+    in DDP, every rank composes the same global batch of ``batch_size`` rows and trains on its contiguous
+    B/N rows (``batch_size`` must be a multiple of N), validation batches are dealt round-robin, and the
+    losses, domain sums and token counts are summed over ranks. So the trajectory, ``metrics.csv`` and the
+    checkpoints are those of the one-process run with the same config, to float rounding. Rank 0 alone
+    writes files; each checkpoint is followed by a barrier, and holds the unwrapped model and the global
+    sampler state, so it resumes (or branches) with any number of processes. Every rank returns the same
+    :class:`TrainResult`.
 
     Raises :class:`CommuteError` (one sentence) for bad input, :class:`NonFiniteLossError` if the loss
     becomes NaN/inf (the last good checkpoint is left intact).
@@ -869,41 +1007,46 @@ def train(
                 raise CommuteError("train() needs a config (or branch_from= to reuse a checkpoint's config).")
             config = origin.state["config"]
         cfg = TrainConfig.load(config)
+        world = _join_world(cfg, batch_source)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
                                       or max_steps < 0):
             raise CommuteError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
         domains = _load_domains(cfg, domains, batch_source, val_batches)
         sched, cfg, names = _resolve_schedule(cfg, schedule, list(domains) or list(cfg.domains))
         _check_origin(cfg, sched, names, origin)
-        device = _resolve_device(cfg.device)
+        device = device_for(world, _resolve_device(cfg.device))
         vocab = _vocab_size(cfg, domains)
         _check_model(cfg, vocab)
         start_step = int(origin.state["step"]) if origin.state is not None else 0
         if origin.resume:  # a damaged metrics.csv is refused now, not after config.yaml was rewritten
             read_metrics(out_dir / "metrics.csv", csv_fields(names), start_step)
         with _deterministic(cfg.deterministic, device):
-            run = _Run(cfg, out_dir, names, sched, domains, batch_source, device, vocab)
+            run = _Run(cfg, out_dir, names, sched, domains, batch_source, device, vocab, world)
             if origin.state is not None:
                 run.restore(origin)
             start, end = run.step, cfg.steps if max_steps is None else min(cfg.steps, max_steps)
             run.val_batches = _validation_batches(cfg, domains, val_batches)
-            # everything is checked: from here on files are written (an earlier run's are moved, not lost)
-            if not origin.resume:
-                _move_aside(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            remove_partial_checkpoints(out_dir)  # a write interrupted by a crash
-            _write_config(cfg, out_dir)
+            # everything is checked: from here on files are written (an earlier run's are moved, not lost);
+            # several processes: every rank has read what it continues from before rank 0 writes anything
+            world.barrier()
+            if world.main:
+                if not origin.resume:
+                    _move_aside(out_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                remove_partial_checkpoints(out_dir)  # a write interrupted by a crash
+                _write_config(cfg, out_dir)
             # a resumed run keeps the rows up to its checkpoint (they include its step); a fresh run or a new
             # branch starts a new metrics.csv
             keep = start if origin.resume else start - 1
-            with Metrics(out_dir, names, keep, cfg.tensorboard) as run.metrics:
+            metrics = Metrics(out_dir, names, keep, cfg.tensorboard) if world.main else _NoMetrics()
+            with metrics as run.metrics:
                 run.begin(origin, end)
-                with Progress("train", end, enabled=progress, completed=start) as prog:
+                with Progress("train", end, enabled=progress and world.main, completed=start) as prog:
                     for t in range(start, end):
                         w, lr = sched(t), lr_at(cfg, t)
-                        res = train_step(run.model, run.optimizer, run.micro_batches(t, w), w, names, lr=lr,
-                                         loss_weighting=cfg.loss_weighting, grad_clip=cfg.grad_clip,
-                                         autocast=run.amp, step=t, last_checkpoint=run.last_ck)
+                        res = train_step(run.train_model, run.optimizer, run.micro_batches(t, w), w, names,
+                                         lr=lr, loss_weighting=cfg.loss_weighting, grad_clip=cfg.grad_clip,
+                                         autocast=run.amp, step=t, last_checkpoint=run.last_ck, world=world)
                         run.after_step(t, lr, w, res, prog)
                         prog.update(run.step)
                         for cb in callbacks:  # after logging and checkpointing: callbacks see a settled step
@@ -911,7 +1054,7 @@ def train(
                                         loss=res.loss, weights=w, domain_losses=res.domain_losses))
                 if end <= start and run.last_ck is None and origin.branch:
                     run.checkpoint(run.step)  # a branch asked for zero steps: still give it a checkpoint
-                if end <= start and not origin.resume and not origin.branch:
+                if end <= start and not origin.resume and not origin.branch and world.main:
                     why = f"steps is {cfg.steps}" + (" and max_steps 0" if end < cfg.steps else "")
                     logger.warning(f"nothing to train: {why}, so no step was taken and no checkpoint was "
                                    "written; set steps in the config (or --steps N).")

@@ -36,7 +36,12 @@ def train_cmd(
     Re-running the same command resumes from the last checkpoint, bitwise-identically.
 
     --branch-from CKPT --schedule S --out DIR starts a new run at CKPT with schedule S (e.g. eq. 9).
+
+    Under torchrun (torchrun --nproc_per_node N --no-python commute train CONFIG) the run is data-parallel
+    over N processes (gloo on CPU, nccl on CUDA): the same global batch, metrics and checkpoints as one
+    process; rank 0 writes and prints (train() joins the process group; it is left at exit).
     """
+    from commute import distributed
     from commute.train import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(config)
@@ -53,6 +58,8 @@ def train_cmd(
         out = Path("runs") / config.stem
     result = train(cfg, out, resume=resume, branch_from=branch_from, schedule=schedule, max_steps=max_steps,
                    progress=progress)
+    if not distributed.current().main:  # several processes: rank 0 reports
+        return
     if not result.losses:  # no step was taken in this call: say why instead of a summary of nothing
         if result.step > 0:  # (a fresh run with steps 0 is reported by train() itself)
             stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
