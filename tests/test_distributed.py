@@ -75,6 +75,16 @@ def _dom_config(root: Path) -> dict:
                    eval_every=0, schedule={"type": "constant", "weights": {"a": 0.7, "b": 0.3}})
 
 
+def _source(root: Path):
+    """A fixed global batch per step (a ``batch_source``): each rank must take its rows of it."""
+    from commute.data import MixtureSampler, load_domains
+
+    cfg = json.loads((root / "cfg.json").read_text())
+    sampler = MixtureSampler(load_domains(cfg["domains"], cache_dir=cfg["cache_dir"]), 6, 32, seed=11)
+    batches = [sampler.next_batch({"a": 0.5, "b": 0.5}) for _ in range(3)]
+    return lambda t: batches[t]
+
+
 ESTIMATE = dict(n_grad_batches=6, n_hvp_batches=3, n_groups=3, mode="pairs")  # 3 groups: ranks do 2 and 1
 
 
@@ -103,7 +113,7 @@ WORKER = textwrap.dedent("""
     from commute.train import train
 
     sys.path.insert(0, sys.argv[2])
-    from test_distributed import ESTIMATE, _estimator
+    from test_distributed import ESTIMATE, _estimator, _source
 
     root = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")  # once: commute uses it (and leaves it to its creator)
@@ -117,7 +127,10 @@ WORKER = textwrap.dedent("""
     res = train(json.loads((root / "dom.json").read_text()), root / "dom", progress=False)
     if world.main:
         (root / "dom_losses.json").write_text(json.dumps(res.losses))
-    # 4. the bracket estimate, groups split over the ranks
+    # 4. given global batches (batch_source), domain-weighted
+    dom = json.loads((root / "dom.json").read_text())
+    train(dom, root / "src", batch_source=_source(root), progress=False)
+    # 5. the bracket estimate, groups split over the ranks
     rep = _estimator(root).estimate(**ESTIMATE, distributed=True)
     rep.to_json(root / f"estimate_rank{world.rank}.json")
     torch.distributed.destroy_process_group()
@@ -238,6 +251,17 @@ def test_domain_weighted_loss_is_the_global_one(launched, tmp_path) -> None:
         assert math.isclose(two[t], one.losses[t], rel_tol=1e-12)
     _assert_checkpoints_close(root / "dom" / "checkpoints" / "step_00000003",
                               tmp_path / "dom" / "checkpoints" / "step_00000003")
+
+
+def test_given_batches_are_split_across_ranks(launched, tmp_path) -> None:
+    root, _ = launched
+    train(json.loads((root / "dom.json").read_text()), tmp_path / "src", batch_source=_source(root),
+          progress=False)
+    _assert_checkpoints_close(root / "src" / "checkpoints" / "step_00000003",
+                              tmp_path / "src" / "checkpoints" / "step_00000003")
+    rows = _rows(tmp_path / "src" / "metrics.csv")
+    assert rows[-1]["tokens/a"] != "" and int(rows[-1]["tokens/a"]) + int(rows[-1]["tokens/b"]) == 3 * 6 * 32
+    _assert_rows_close(_rows(root / "src" / "metrics.csv"), rows)
 
 
 def test_distributed_bracket_estimate_equals_one_process(launched) -> None:
