@@ -1,8 +1,9 @@
 """More than one process: the torchrun environment, the process group, and the few collectives we use.
 
-``torchrun --nproc_per_node N -m commute.cli train CONFIG`` (or ``commute train`` under torchrun) sets
-``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`setup` reads them and initialises the default process
-group once (``nccl`` when the run's device is CUDA, each process on ``cuda:LOCAL_RANK``; ``gloo`` on CPU).
+``torchrun --nproc_per_node N --no-python commute train CONFIG`` (or a script calling ``commute.train.train``
+under torchrun) sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`setup` reads them and initialises the
+default process group once (``nccl`` when the run's device is CUDA, each process on ``cuda:LOCAL_RANK``;
+``gloo`` on CPU).
 Without them (or with ``WORLD_SIZE=1``) nothing is initialised and :data:`SINGLE` describes the one process:
 every helper here is then the identity, so a plain run takes exactly the code path it always took.
 
