@@ -153,6 +153,11 @@ def predictors_table(data: Mapping[str, Any]) -> Any:
             row.append(f"{sc['sign_right']}/{sc['n']}" + ("" if p == "recency" else
                        f" · {_f(sc['spearman'], '.2f')} · {_f(sc['median_ratio'], '.2g')}"))
         t.add_row(*row)
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    wide = Console(width=1000)  # never cropped in a narrow or non-terminal console: lines soft-wrap instead
+    t.width = Measurement.get(wide, wide.options, t).maximum
     t.caption = (f"{pr.get('n_significant', 0)} of {pr.get('n_cells', 0)} cells (arm, t0, Δw, target) have a "
                  "significant observation (95 % t over the replicates); ρ = Spearman rank correlation, "
                  "obs/pred = median observed/predicted. Per target domain and the verdict: report.md.")
