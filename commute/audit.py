@@ -471,8 +471,8 @@ def _optimality_rows(audit: BracketAudit, threshold: float, dof: int) -> list[di
         for j in names[a + 1:]:
             wi, wj = float(w.get(i, 0.0)), float(w.get(j, 0.0))
             for t, tw in audit.targets.items():
-                g = sum(w.get(k, 0.0) * (rep.p_samples(i, k, tw) - rep.p_samples(j, k, tw)) for k in names)
-                e = Estimate.from_samples(np.asarray(g, dtype=np.float64))
+                g = rep.pxy_samples(i, j, tw, {k: w.get(k, 0.0) for k in names})
+                e = Estimate.from_samples(g)
                 tval = e.z
                 sig = math.isfinite(tval) and abs(tval) > threshold
                 status = "exempt" if min(wi, wj) <= 0 else ("violation" if sig else "consistent")

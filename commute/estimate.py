@@ -662,6 +662,18 @@ class BracketReport:
         """
         return Estimate.from_samples(self.p_samples(i, j, target))
 
+    def pxy_samples(self, i: str, j: str, target: str | Mapping[str, float],
+                    weights: Mapping[str, float] | None = None) -> np.ndarray:
+        """The G per-group estimates of P(X, Y; L), X = L_i − L_j, Y = Σ_k w_k L_k (Cor. 3.2a), by
+        bilinearity P(X, Y; L) = Σ_k w_k [P(L_i, L_k; L) − P(L_j, L_k; L)] (= P(L_i, L_j; L) for two
+        domains whatever w). ``weights``: the mix w (default uniform over all domains)."""
+        ii, jj = self._index(i), self._index(j)
+        K = len(self.domains)
+        w = (np.full(K, 1.0 / K) if weights is None
+             else _weights_vector(weights, self.domains, "weights"))
+        per_pair = self.p_groups @ self._coefficients(target)  # [G, K, K]: P(k, l; target) per group
+        return np.einsum("k,gk->g", w, per_pair[:, ii, :] - per_pair[:, jj, :])
+
     def loss(self, domain: str) -> Estimate:
         """The domain's mean loss over the gradient batches used (not a held-out evaluation)."""
         return Estimate.from_samples(self.loss_groups[:, self._index(domain)])
@@ -696,7 +708,6 @@ class BracketReport:
             weights: the base mix w (default uniform over all domains); w_i, w_j +- delta_w must stay
                 in [0, 1].
         """
-        ii, jj = self._index(i), self._index(j)
         K = len(self.domains)
         w = (np.full(K, 1.0 / K) if weights is None
              else _weights_vector(weights, self.domains, "weights"))
@@ -705,9 +716,7 @@ class BracketReport:
         if steps < 0 or lr <= 0:
             raise CommuteError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}.")
         check_delta_w(dict(zip(self.domains, w.tolist(), strict=True)), i, j, delta_w)
-        a = self._coefficients(target)
-        per_pair = self.p_groups @ a  # [G, K, K]: P(k, l; target) per group
-        pxy = np.einsum("k,gk->g", w, per_pair[:, ii, :] - per_pair[:, jj, :])
+        pxy = self.pxy_samples(i, j, target, dict(zip(self.domains, w.tolist(), strict=True)))
         return Estimate.from_samples(intervention_excess(pxy, delta_w, steps, lr))
 
     def tournament(self, target: str | Mapping[str, float], name: str | None = None) -> TournamentReport:

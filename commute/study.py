@@ -449,15 +449,10 @@ def _estimate_at(arm: Arm, domains: Mapping[str, Any], step: int, L: dict[str, f
         cfg.n_grad_batches, cfg.n_hvp_batches, targets=list(names), n_groups=cfg.n_groups)
     if len(names) == 2:
         P = {k: rep.P(d1, d2, k).to_dict() for k in names}
-    else:  # P(X, Y; L) = Σ_k w_k [P(L_1, L_k; L) − P(L_2, L_k; L)] (Cor. 3.2a, bilinearity), per group
+    else:  # P(X, Y; L), X = L_1 − L_2, Y = the base mix (Cor. 3.2a), from the same groups
         from commute.estimate import Estimate
 
-        def pxy(t: str) -> Any:
-            w = arm.variant.base
-            return sum(w[k] * ((rep.p_samples(d1, k, t) if k != d1 else 0.0)
-                               - (rep.p_samples(d2, k, t) if k != d2 else 0.0)) for k in names)
-
-        P = {k: Estimate.from_samples(pxy(k)).to_dict() for k in names}
+        P = {k: Estimate.from_samples(rep.pxy_samples(d1, d2, k, arm.variant.base)).to_dict() for k in names}
     lb = {k: [next(domains[k].batches(cfg.lambda_batch_size, cfg.seq_len, seed=seed + 7)).to(arm.device)]
           for k in names}
     mix = mix_loss(fixed_batch_losses(model, lb), arm.variant.base)
