@@ -376,8 +376,11 @@ def test_ctrl_c_in_a_real_process_names_the_last_checkpoint(tmp_path, corpora, c
     make_cfg(corpora, cache, steps=100_000, ckpt_every=3, eval_every=0).to_yaml(cfgp)
     run = tmp_path / "r"
     code = "import sys; from commute.cli import main; sys.exit(main(sys.argv[1:]))"
+    # a background job of a non-interactive shell (e.g. CI) inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     p = subprocess.Popen([sys.executable, "-c", code, "train", str(cfgp), "--out", str(run), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not list_checkpoints(run) and time.time() < deadline and p.poll() is None:
