@@ -1162,7 +1162,8 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
             md += ["![schedule gradient](response.png)", "",
                    "*One panel per target, training step × domain, G averaged over bins of steps; blue: more "
                    "of that domain then would have lowered the target at the window's end, red: raised it; "
-                   "hatched: |G/stderr| < 2; ×: the domain had weight 0 there; vertical lines: checkpoints "
+                   "hatched: |G/stderr| below the window's 95 % t threshold (G − 1 dof); ×: the domain had "
+                   "weight 0 there; vertical lines: checkpoints "
                    "(each window's target is L at its own end).*", ""]
     md += ["## Files", "",
            "`audit.json` (every number; per-group samples of the Cor. 3.2b statistic, per-step G and "
@@ -1298,7 +1299,7 @@ def plot_response(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Heat maps of the schedule gradient: one panel per target (each domain, the training mix at each
     window's end), x = training step (bins of the estimated windows), y = domain, colour = G averaged over
     the bin (blue < 0: more of that domain then would have lowered the target), hatched where
-    |G/stderr| < 2; vertical lines at the checkpoints."""
+    |G/stderr| below the window's 95 % t threshold; vertical lines at the checkpoints."""
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
@@ -1330,7 +1331,7 @@ def plot_response(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
                     g, z = w["bins"]["G"][key][d][b], w["bins"]["z"][key][d][b]
                     ax.add_patch(Rectangle((a, k - 0.5), e - a, 1.0, facecolor=cmap(norm(g or 0.0)),
                                            edgecolor="none"))
-                    if z is None or abs(z) < 2:
+                    if z is None or abs(z) < w.get("threshold", 2.0):
                         ax.add_patch(Rectangle((a, k - 0.5), e - a, 1.0, fill=False, hatch="///",
                                                edgecolor="0.45", lw=0))
                     if w["bins"]["weights"][d][b] == 0:
@@ -1349,7 +1350,8 @@ def plot_response(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     axes[-1, 0].set_xlabel("training step", fontsize=8)
     handles = [Patch(facecolor=cmap(0.15), label="G < 0: more of this domain here lowers L"),
                Patch(facecolor=cmap(0.85), label="G > 0: more of it here raises L"),
-               Patch(facecolor="white", edgecolor="0.45", hatch="///", label="|G/stderr| < 2 (noise)"),
+               Patch(facecolor="white", edgecolor="0.45", hatch="///",
+                     label="|G/stderr| < t_0.975(G−1) (noise)"),
                Line2D([], [], color="k", marker="|", ms=12, ls="", label="checkpoints (window edges)"),
                Line2D([], [], color="k", marker="x", ms=5, ls="", label="w_k = 0 there (not trained on)")]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)

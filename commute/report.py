@@ -280,12 +280,14 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
         return pr[p]["sign_right"] / pr[p]["n"] if pr.get(p) and pr[p]["n"] else math.nan
 
     avail = [p for p in ("response", "bracket", "alignment", "recency") if p in pr and pr[p]["n"]]
-    best_sign = max(avail, key=lambda p: (acc(p), p == "response"))
+    top = max(acc(p) for p in avail)
+    best = [p for p in avail if acc(p) == top]
     mag = [p for p in avail if p != "recency"]
     best_rank = max(mag, key=lambda p: pr[p]["spearman"] if math.isfinite(pr[p]["spearman"]) else -9) \
         if mag else None
     out = [f"On the {n} significant cells: the sign is best predicted by the "
-           f"**{PREDICTOR_NAMES[best_sign]}** ({pr[best_sign]['sign_right']}/{pr[best_sign]['n']})"]
+           + (" and the ".join(f"**{PREDICTOR_NAMES[p]}** ({pr[p]['sign_right']}/{pr[p]['n']})" for p in best)
+              + (" (a tie)" if len(best) > 1 else ""))]
     if best_rank:
         out[0] += (f"; the ranking of interventions by the **{PREDICTOR_NAMES[best_rank]}** "
                    f"(Spearman ρ = {_f(pr[best_rank]['spearman'], '.2f')})")

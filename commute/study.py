@@ -663,7 +663,8 @@ def run_locality(cfg: StudyConfig, domains: Mapping[str, Any], out: Path, device
 def _planned_steps(cfg: StudyConfig) -> int:
     """Optimiser steps the whole study takes (base runs and branches), for the progress bar."""
     last = max({*cfg.t0s, *(t + 2 * cfg.T for t in cfg.t0s), *cfg.extra_p_steps})
-    per_opt = sum(last + len(cfg.t0s) * len(v.delta_ws) * 2 * 2 * cfg.T for v in cfg.variants)
+    branches = sum(len(v.delta_ws) for v in cfg.variants) * len(cfg.t0s) * cfg.replicates * 2 * 2 * cfg.T
+    per_opt = last * len(cfg.variants) + branches
     return per_opt * len(cfg.optimizers)
 
 

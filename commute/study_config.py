@@ -113,6 +113,26 @@ class StudyConfig:
 
     def validate(self) -> None:
         """Raise :class:`CommuteError` with one sentence for an inconsistent study."""
+        if not isinstance(self.domains, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in self.domains.items()):
+            raise CommuteError("domains must map names to sources, e.g. {en: 'fortunes:en', ru: 'x.txt'}.")
+        if self.pair is not None and (not isinstance(self.pair, list)
+                                      or not all(isinstance(d, str) for d in self.pair)):
+            raise CommuteError(f"pair must be a list of two domain names, got {self.pair!r}.")
+        for name in ("T", "replicates", "seed", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise CommuteError(f"{name} must be an integer, got {v!r}.")
+        if not isinstance(self.t0s, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                      for t in self.t0s):
+            raise CommuteError(f"t0s must be a list of integer steps, got {self.t0s!r}.")
+        if not isinstance(self.lr, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                     and v > 0 for v in self.lr.values()):
+            raise CommuteError(f"lr must map optimisers to positive numbers, e.g. {{adam: 0.002}}, got "
+                               f"{self.lr!r}.")
+        for v in self.variants:
+            if not all(isinstance(d, int | float) and not isinstance(d, bool) for d in v.delta_ws):
+                raise CommuteError(f"Variant {v.name!r}: delta_ws must be numbers, got {v.delta_ws!r}.")
         if len(self.domains) < 2:
             raise CommuteError(f"The study needs at least 2 domains, got {len(self.domains)}.")
         if self.pair is not None and (len(self.pair) != 2 or len(set(self.pair)) != 2
@@ -152,6 +172,11 @@ class StudyConfig:
         # (docs/design.md §1); refuse settings that would silently change the effective step.
         changed = {k: v for k, v in self.train_overrides.items()
                    if k in _GAMMA_FIELDS and v != _GAMMA_FIELDS[k]}
+        replay = {k: v for k, v in self.train_overrides.items()
+                  if k in _REPLAY_FIELDS and v != _REPLAY_FIELDS[k]}
+        if replay:
+            raise CommuteError(f"train_overrides {replay} change how a step's batch is trained, which the "
+                               "study's response replay does not model; remove them from the study config.")
         if changed:
             raise CommuteError(
                 f"train_overrides {changed} change the effective step size, which the prediction "
@@ -308,6 +333,10 @@ def _locality_variant(cfg: StudyConfig) -> VariantConfig:
     """The variant whose base run the locality sweep starts from (balanced if there is one)."""
     return next((v for v in cfg.variants if v.name == "balanced"), cfg.variants[0])
 
+
+#: TrainConfig fields the response's window replay assumes at these values (one sampled batch per step,
+#: its plain mean loss).
+_REPLAY_FIELDS: dict[str, Any] = {"grad_accum": 1, "loss_weighting": "sample"}
 
 #: TrainConfig fields that would change the effective step gamma away from lr, with their neutral values.
 _GAMMA_FIELDS: dict[str, Any] = {"momentum": 0.0, "lr_schedule": "constant", "warmup_steps": 0,

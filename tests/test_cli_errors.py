@@ -22,7 +22,7 @@ def test_unwritable_path_is_one_sentence(tmp_path: Path) -> None:
 
 def test_damaged_study_results_are_reported(tmp_path: Path) -> None:
     (tmp_path / "study").mkdir()
-    for text in ('{"arms": [', "{}"):
+    for text in ('{"arms": [', "{}", '{"arms": [{"x": 1}]}'):
         (tmp_path / "study" / "results.json").write_text(text)
         r = _run("study", "report", "study", cwd=tmp_path)
         assert r.returncode == 2, r.stderr

@@ -426,3 +426,50 @@ def test_three_domain_micro_study(tmp_path: Path) -> None:
     assert loc["pair"] == ["b", "c"] and set(loc["P"]) == {"a", "b", "c"}
     md = res.report_path.read_text()
     assert "interventions trade weight between 1 = `b` and 2 = `c`" in md
+
+
+def test_observation_is_significant_only_beyond_the_t_quantile() -> None:
+    """R = 3 replicates: t_0.975(2) = 4.303; a mean 4.2 stderrs away is not significant, 4.4 is."""
+    from commute.study import _observed
+
+    def reps(t: float) -> list[float]:  # three values with mean 1 and stderr 1/t
+        d = math.sqrt(3) / t  # std of (1 - d, 1, 1 + d) is d, so stderr = d / sqrt(3)
+        return [1 - d, 1.0, 1 + d]
+
+    for t, sig in ((4.2, False), (4.4, True)):
+        o = _observed(reps(t))
+        assert o["n"] == 3 and o["mean"] == pytest.approx(1.0) and o["t"] == pytest.approx(t)
+        assert o["significant"] is sig
+    assert _observed([0.3])["significant"] is False and math.isnan(_observed([0.3])["stderr"])
+
+
+def test_response_unit_delta_is_the_interventions_own_schedule_change() -> None:
+    """The study's δw per unit Δw is θ12's (pair[0] boosted first) change of the schedule, from the
+    tested Intervention / intervention_delta, for every domain of a three-domain config."""
+    from commute.response import intervention_delta
+    from commute.schedule import Intervention
+    from commute.study import _unit_delta
+
+    cfg = StudyConfig.from_yaml(REPO / "configs" / "study_tiny_3lang.yaml")
+    base = cfg.variants[0].base
+    d1, d2 = cfg.pair_names
+    dw, t0 = 0.15, 250
+    ref = intervention_delta(Intervention(base, d1, d2, dw, t0, cfg.T), 2 * cfg.T, start=t0)
+    unit = _unit_delta(cfg)
+    for k in cfg.domain_names:
+        mine = torch.tensor(unit.get(k, [0.0] * 2 * cfg.T), dtype=torch.float64) * dw
+        assert torch.allclose(mine, ref[k], atol=1e-12), k
+
+
+def test_study_config_types_and_replay_fields_are_one_sentence() -> None:
+    for bad, match in (({"pair": [["en"], "ru"]}, "pair must be a list of two domain names"),
+                       ({"pair": {"en": 1, "ru": 2}}, "pair must be a list"),
+                       ({"replicates": True}, "replicates must be an integer"),
+                       ({"T": None}, "T must be an integer"),
+                       ({"t0s": "x"}, "t0s must be a list"),
+                       ({"lr": {"adam": "fast", "sgd": 0.1}}, "lr must map"),
+                       ({"domains": ["en", "ru"]}, "domains must map"),
+                       ({"train_overrides": {"grad_accum": 2}}, "response replay"),
+                       ({"train_overrides": {"loss_weighting": "domain"}}, "response replay")):
+        with pytest.raises(CommuteError, match=match):
+            StudyConfig.from_dict({**get_preset("tiny").to_dict(), **bad})

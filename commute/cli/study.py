@@ -68,11 +68,12 @@ def report(out: Path = typer.Argument(..., help="A study directory holding resul
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "arms" not in data:
             raise ValueError
-    except ValueError:
+        data["summary"] = summarise(data)
+        report_path = render_report(data, out)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise CommuteError(f"{path} is damaged or incomplete; re-run `commute study bilingual --out {out}` "
                            "to rebuild it (finished runs are reused).") from None
-    data["summary"] = summarise(data)
-    console.print(f"Report: [bold]{render_report(data, out).resolve()}[/]")
+    console.print(f"Report: [bold]{report_path.resolve()}[/]")
     _print_summary(data)
 
 
