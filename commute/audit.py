@@ -197,20 +197,6 @@ def _cells(e: Estimate) -> tuple[str, str, str]:
     return tuple(f"[bold]{c}[/bold]" for c in cells) if bold else cells  # type: ignore[return-value]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CommuteError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CommuteError(f"device {name!r} was requested but CUDA is not available on this machine.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise CommuteError(f"device {name!r} was requested but MPS is not available on this machine.")
-    return dev
-
-
 def _mix_weights(ck: Any, domains: tuple[str, ...]) -> tuple[dict[str, float], str]:
     """The schedule's weights at the checkpoint's step, or uniform if the schedule cannot be rebuilt."""
     try:
@@ -257,12 +243,12 @@ def bracket_at(
     from commute.data import load_domains
     from commute.estimate import BracketEstimator
     from commute.model import lm_loss
-    from commute.train import adam_metric, load_checkpoint, lr_at
+    from commute.train import adam_metric, load_checkpoint, lr_at, resolve_device
 
     t0 = time.perf_counter()
     if not isinstance(horizon, int) or horizon < 1:
         raise CommuteError(f"the horizon must be a whole number of steps >= 1, got {horizon!r}.")
-    dev = _device(device)
+    dev = resolve_device(device)
     path = Path(checkpoint)
     if not path.exists():
         raise CommuteError(f"{str(path)!r} does not exist; give a run directory or one of its checkpoints.")
@@ -780,9 +766,10 @@ def audit_run(
     """
     from commute.checkpoint import read_state
     from commute.scores import t_threshold
+    from commute.train import resolve_device
 
     t_begin = time.perf_counter()
-    dev = _device(device)
+    dev = resolve_device(device)
     run = Path(run_dir)
     for name, v, lo in (("grad_batches", grad_batches, 1), ("hvp_batches", hvp_batches, 1),
                         ("groups", groups, 2), ("response_groups", response_groups, 2),

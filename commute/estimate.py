@@ -188,6 +188,24 @@ def _resolve_targets(targets: TargetsArg, domains: Sequence[str]) -> dict[str, d
     return out
 
 
+def check_token_ids(vocab_size: int | None, what: str, batch: Any) -> None:
+    """Token ids outside the model's vocabulary give one sentence, not an IndexError in the embedding (or a
+    device-side assert on CUDA). Checked for integer ``input_ids`` (a bare tensor, a dict entry or an
+    attribute) when the model has ``config.vocab_size``; one min/max per batch."""
+    if vocab_size is None:
+        return
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else getattr(batch, "input_ids", batch)
+    if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.dtype == torch.bool:
+        return
+    if ids.dtype.is_floating_point or ids.dtype.is_complex:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise CommuteError(f"{what} has token id {bad}, outside the model's vocabulary of {vocab_size} "
+                           f"(ids 0..{vocab_size - 1}); tokenise it with the model's tokenizer.")
+
+
 def _to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move tensors (also inside dicts, lists, tuples) to ``device``; floating tensors take ``dtype``."""
     if isinstance(batch, Tensor):
@@ -319,22 +337,7 @@ class BracketEstimator:
         return loss
 
     def _check_token_ids(self, name: str, batch: Any) -> None:
-        """Token ids outside the model's vocabulary give one sentence, not an IndexError in the embedding
-        (or a device-side assert on CUDA). Checked for integer ``input_ids`` (a bare tensor, a dict entry or
-        an attribute) when the model has ``config.vocab_size``; one min/max per batch."""
-        if self.vocab_size is None:
-            return
-        ids = batch.get("input_ids") if isinstance(batch, Mapping) else getattr(batch, "input_ids", batch)
-        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.dtype == torch.bool:
-            return
-        if ids.dtype.is_floating_point or ids.dtype.is_complex:
-            return
-        lo, hi = (int(x) for x in torch.aminmax(ids))
-        if lo < 0 or hi >= self.vocab_size:
-            bad = hi if hi >= self.vocab_size else lo
-            raise CommuteError(f"domain {name!r} has token id {bad}, outside the model's vocabulary of "
-                               f"{self.vocab_size} (ids 0..{self.vocab_size - 1}); tokenise it with the "
-                               "model's tokenizer.")
+        check_token_ids(self.vocab_size, f"domain {name!r}", batch)
 
     def _no_path(self) -> CommuteError:
         return CommuteError("loss_fn's result has no gradient path to the parameters the bracket is taken "

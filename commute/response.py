@@ -66,6 +66,7 @@ from commute.estimate import (
     _restore_modes,
     _to_device,
     _weights_vector,
+    check_token_ids,
 )
 from commute.io import atomic_write
 from commute.progress import Progress
@@ -967,20 +968,7 @@ class ResponseEstimator:
         return loss
 
     def _check_token_ids(self, name: str, batch: Any) -> None:
-        """Token ids outside the model's vocabulary give one sentence, not an IndexError (checked for integer
-        ``input_ids``, bare, in a dict or as an attribute, when the model has ``config.vocab_size``)."""
-        if self.vocab_size is None:
-            return
-        ids = batch.get("input_ids") if isinstance(batch, Mapping) else getattr(batch, "input_ids", batch)
-        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.dtype == torch.bool:
-            return
-        if ids.dtype.is_floating_point or ids.dtype.is_complex:
-            return
-        lo, hi = (int(x) for x in torch.aminmax(ids))
-        if lo < 0 or hi >= self.vocab_size:
-            bad = hi if hi >= self.vocab_size else lo
-            raise CommuteError(f"{name} has token id {bad}, outside the model's vocabulary of "
-                               f"{self.vocab_size} (ids 0..{self.vocab_size - 1}).")
+        check_token_ids(self.vocab_size, name, batch)
 
     def _grad(self, loss: Tensor, leaves: Leaves, create_graph: bool = False) -> tuple[Tensor | None, ...]:
         gs = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)

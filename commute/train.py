@@ -221,7 +221,7 @@ def _apply_hparams(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Non
             g["eps"] = config.eps
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -1014,7 +1014,7 @@ def train(
         domains = _load_domains(cfg, domains, batch_source, val_batches)
         sched, cfg, names = _resolve_schedule(cfg, schedule, list(domains) or list(cfg.domains))
         _check_origin(cfg, sched, names, origin)
-        device = device_for(world, _resolve_device(cfg.device))
+        device = device_for(world, resolve_device(cfg.device))
         vocab = _vocab_size(cfg, domains)
         _check_model(cfg, vocab)
         start_step = int(origin.state["step"]) if origin.state is not None else 0
