@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_corpora
 
 from commute.errors import CommuteError
 
@@ -28,15 +28,7 @@ FAST = ["--grad-batches", "8", "--hvp-batches", "4", "--groups", "2", "--batch-s
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("corpora")
-    out = {}
-    for name, alphabet, seed in (("a", "abcdefg ", 0), ("b", "xyz.,!? ", 1), ("c", "hijklmn\n", 2)):
-        r = random.Random(seed)
-        docs = ["".join(r.choice(alphabet) for _ in range(r.randint(50, 150))) for _ in range(100)]
-        p = root / f"{name}.txt"
-        p.write_text("\n\n".join(docs), encoding="utf-8")
-        out[name] = str(p)
-    return out
+    return write_corpora(tmp_path_factory.mktemp("corpora"), n_domains=3, n_docs=100)
 
 
 def _train(root: Path, corpora: dict[str, str], **kw) -> Path:

@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_corpora
 
 from commute.distributed import SINGLE, World, env_world, shard_batch, shard_rows
 from commute.errors import CommuteError
@@ -36,22 +36,11 @@ WORLD = 2
 LAUNCH_TIMEOUT_S = 120
 
 
-def _corpora(root: Path) -> dict[str, str]:
-    out = {}
-    for name, alphabet, seed in (("a", "abcdefg ", 0), ("b", "xyz.,!? ", 1)):
-        r = random.Random(seed)
-        docs = ["".join(r.choice(alphabet) for _ in range(r.randint(50, 150))) for _ in range(200)]
-        p = root / f"{name}.txt"
-        p.write_text("\n\n".join(docs), encoding="utf-8")
-        out[name] = str(p)
-    return out
-
-
 def _config(root: Path, **kw) -> dict:
     base = dict(
         model="tiny",
         model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
-        domains=_corpora(root),
+        domains=write_corpora(root),
         cache_dir=str(root / "cache"),
         seq_len=32,
         batch_size=8,
@@ -283,7 +272,7 @@ def test_distributed_bracket_estimate_equals_one_process(launched) -> None:
 def test_sampler_shards_stack_to_the_global_batch(tmp_path, mode) -> None:
     from commute.data import MixtureSampler, load_domains
 
-    doms = load_domains(_corpora(tmp_path), cache_dir=str(tmp_path / "cache"))
+    doms = load_domains(write_corpora(tmp_path), cache_dir=str(tmp_path / "cache"))
     whole = MixtureSampler(doms, 12, 16, seed=3, mode=mode)
     shards = [MixtureSampler(doms, 12, 16, seed=3, mode=mode) for _ in range(3)]
     for t in range(4):

@@ -28,31 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}
 
 
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("corpora")
-    out = {}
-    for name, alphabet, seed in (("a", "abcdefg ", 0), ("b", "xyz.,!? ", 1)):
-        r = random.Random(seed)
-        docs = ["".join(r.choice(alphabet) for _ in range(r.randint(50, 150))) for _ in range(200)]
-        p = root / f"{name}.txt"
-        p.write_text("\n\n".join(docs), encoding="utf-8")
-        out[name] = str(p)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def domains(corpora, cache):
-    from commute.data import load_domains
-
-    return load_domains(corpora, cache_dir=cache)
-
-
 def make_cfg(corpora: dict[str, str], cache: str, **kw) -> TrainConfig:
     base = dict(model="tiny", model_overrides=dict(TINY), domains=dict(corpora), cache_dir=cache, seq_len=32,
                 batch_size=8, steps=8, lr=3e-3, eval_every=4, eval_batches=2, log_every=1, ckpt_every=4,

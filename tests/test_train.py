@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,32 +24,6 @@ TIMING = ("tokens_per_s", "elapsed_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[str, str]:
-    """Two distinguishable synthetic corpora (different alphabets), blank-line separated documents."""
-    root = tmp_path_factory.mktemp("corpora")
-    out = {}
-    for name, alphabet, seed in (("a", "abcdefg ", 0), ("b", "xyz.,!? ", 1)):
-        r = random.Random(seed)
-        docs = ["".join(r.choice(alphabet) for _ in range(r.randint(50, 150))) for _ in range(200)]
-        p = root / f"{name}.txt"
-        p.write_text("\n\n".join(docs), encoding="utf-8")
-        out[name] = str(p)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def domains(corpora, cache):
-    from commute.data import load_domains
-
-    return load_domains(corpora, cache_dir=cache)
 
 
 def make_cfg(corpora: dict[str, str], cache: str, **kw) -> TrainConfig:
