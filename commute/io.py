@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json", "write_csv", "fsync_dir"]
+__all__ = ["atomic_write", "write_json", "write_csv", "fsync_dir", "read_text", "read_yaml",
+           "check_unique_keys"]
 
 
 def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
@@ -65,3 +66,69 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a file the user gave: one sentence for every way it can be wrong
+# --------------------------------------------------------------------------------------------------
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of ``path``; :class:`~commute.errors.CommuteError` (one sentence naming ``what``) when
+    it does not exist or is not UTF-8."""
+    from commute.errors import CommuteError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommuteError(f"{what} does not exist.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommuteError(f"{what} is not UTF-8 text (byte {exc.start}).") from None
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """A YAML file parsed with ``yaml.safe_load`` only, a key given twice refused
+    (:func:`check_unique_keys`); every failure (missing, not UTF-8, not YAML, nested too deeply) is one
+    sentence naming ``what``."""
+    import yaml
+
+    from commute.errors import CommuteError
+
+    text = read_text(path, what)
+    try:
+        check_unique_keys(text, what)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CommuteError(f"{what} is not valid YAML: {first}.") from None
+    except RecursionError:
+        raise CommuteError(f"{what} is nested too deeply to read.") from None
+
+
+def check_unique_keys(text: str, where: str) -> None:
+    """Refuse a YAML mapping that gives a key twice (``yaml.safe_load`` silently keeps the last one).
+
+    Walks the node graph of ``yaml.compose`` with the safe loader (nothing is constructed); raises a
+    one-sentence :class:`CommuteError` naming the key and its line.
+    """
+    import yaml
+
+    from commute.errors import CommuteError
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    stack, seen = [root] if root is not None else [], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:  # aliases share nodes
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[Any] = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in keys:
+                        raise CommuteError(f"{where} gives {k.value!r} twice (line {k.start_mark.line + 1}); "
+                                           "keep one.")
+                    keys.add(k.value)
+                stack += [k, v]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from commute.errors import CommuteError
-from commute.io import atomic_write
+from commute.io import atomic_write, read_text, read_yaml
 
 __all__ = [
     "Schedule",
@@ -465,29 +465,17 @@ def load_schedule(path: str | Path) -> Schedule:
     """Read a schedule written by :func:`save_schedule` (or by hand) from ``.json``/``.yaml``."""
     path = Path(path)
     s = _suffix(path)
-    if not path.is_file():
-        raise CommuteError(f"schedule file {str(path)!r} does not exist.")
+    where = f"schedule file {str(path)!r}"
+    if s != ".json":
+        return Schedule.from_dict(read_yaml(path, where))
+    text = read_text(path, where)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CommuteError(f"schedule file {str(path)!r} is not UTF-8 text (byte {exc.start}).") from None
-    try:
-        if s == ".json":
-            d = json.loads(text)
-        else:
-            import yaml
-
-            from commute.train_config import check_unique_keys
-
-            check_unique_keys(text, f"schedule file {str(path)!r}")
-            d = yaml.safe_load(text)
-    except CommuteError:
-        raise
+        d = json.loads(text)
     except RecursionError:
-        raise CommuteError(f"schedule file {str(path)!r} is nested too deeply to read.") from None
-    except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError
+        raise CommuteError(f"{where} is nested too deeply to read.") from None
+    except json.JSONDecodeError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CommuteError(f"schedule file {str(path)!r} is not valid {s[1:].upper()}: {msg}.") from None
+        raise CommuteError(f"{where} is not valid JSON: {msg}.") from None
     return Schedule.from_dict(d)
 
 

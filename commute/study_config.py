@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from commute.errors import CommuteError
-from commute.io import atomic_write
+from commute.io import atomic_write, read_yaml
 from commute.schedule import check_delta_w
 
 __all__ = ["VariantConfig", "LocalityConfig", "ResponseConfig", "StudyConfig", "PRESETS", "get_preset",
@@ -217,12 +217,10 @@ class StudyConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudyConfig:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise CommuteError(f"Study config {p} does not exist.")
-        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+        d = read_yaml(path, f"Study config {Path(path)}") or {}
+        if not isinstance(d, Mapping):
+            raise CommuteError(f"Study config {Path(path)} must be a mapping of field: value.")
+        return cls.from_dict(d)
 
 
 #: The presets (the reasoning is in the README, "Presets"). ``tiny`` is the README's main job (~15-20 min

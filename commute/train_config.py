@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from commute.errors import CommuteError
-from commute.io import atomic_write
+from commute.io import atomic_write, read_yaml
 
 __all__ = ["TrainConfig", "DTYPES"]
 
@@ -41,34 +41,6 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, dict | list):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
-
-
-def check_unique_keys(text: str, where: str) -> None:
-    """Refuse a YAML mapping that gives a key twice (``yaml.safe_load`` silently keeps the last one).
-
-    Walks the node graph of ``yaml.compose`` with the safe loader (nothing is constructed); raises a
-    one-sentence :class:`CommuteError` naming the key and its line.
-    """
-    import yaml
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    stack, seen = [root] if root is not None else [], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:  # aliases share nodes
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys: set[Any] = set()
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode):
-                    if k.value in keys:
-                        raise CommuteError(f"{where} gives {k.value!r} twice (line {k.start_mark.line + 1}); "
-                                           "keep one.")
-                    keys.add(k.value)
-                stack += [k, v]
-        elif isinstance(node, yaml.SequenceNode):
-            stack += node.value
 
 
 @dataclass
@@ -263,24 +235,8 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         """Read a YAML config file (see :meth:`to_yaml`)."""
-        import yaml
-
-        path = Path(path)
-        where = f"config file {str(path)!r}"
-        if not path.is_file():
-            raise CommuteError(f"{where} does not exist.")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise CommuteError(f"{where} is not UTF-8 text (byte {exc.start}).") from None
-        try:
-            check_unique_keys(text, where)
-            d = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CommuteError(f"{where} is not valid YAML: {first}.") from None
-        except RecursionError:
-            raise CommuteError(f"{where} is nested too deeply to read.") from None
+        where = f"config file {str(Path(path))!r}"
+        d = read_yaml(path, where) or {}
         return cls.from_dict(d, where=where)
 
     @classmethod
