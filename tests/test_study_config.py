@@ -52,3 +52,14 @@ def test_three_language_example_config_loads():
     cfg = StudyConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "study_tiny_3lang.yaml")
     assert cfg.domain_names == ("en", "ru", "de") and cfg.pair_names == ("en", "ru")
     assert all(set(v.base) == {"en", "ru", "de"} for v in cfg.variants)
+
+
+def test_unreadable_study_config_files_are_one_sentence(tmp_path):
+    import pytest
+
+    cases = {"latin1.yaml": "T: 5\n# caf\xe9\n".encode("latin-1"), "bad.yaml": b"T: [1, 2\n",
+             "twice.yaml": b"T: 5\nT: 6\n", "list.yaml": b"- 1\n- 2\n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CommuteError, match="UTF-8|not valid YAML|twice|mapping"):
+            StudyConfig.from_yaml(tmp_path / name)
