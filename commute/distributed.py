@@ -7,7 +7,7 @@ default process group once (``nccl`` when the run's device is CUDA, each process
 Without them (or with ``WORLD_SIZE=1``) nothing is initialised and :data:`SINGLE` describes the one process:
 every helper here is then the identity, so a plain run takes exactly the code path it always took.
 
-What is split across the W ranks and how (commute.train, commute.estimate):
+What is split across the W ranks and how (commute.train, commute.estimate, commute.response):
 
 * training: every rank composes the same *global* batch of ``batch_size`` rows (the mixture sampler is
   deterministic in its state) and trains on its contiguous slice of B/W rows (:func:`shard_rows`); DDP
@@ -15,8 +15,10 @@ What is split across the W ranks and how (commute.train, commute.estimate):
   are summed over ranks (:meth:`World.all_sum`), so metrics equal the one-process run's.
 * checkpoints: written by rank 0 only, followed by a barrier; they hold the unwrapped model, the optimiser
   and the global sampler state, so a run resumes with any world size.
-* the bracket estimator: group g is computed by rank g mod W on its unwrapped model, and the per-group
-  samples are summed over ranks (each rank contributes zeros for the groups it skipped: exact).
+* the bracket estimator and the response estimator (:class:`GroupSplit`): group g is computed by rank
+  g mod W on its unwrapped model, and the per-group samples are summed over ranks (each rank contributes
+  zeros for the groups it skipped: exact). The response estimator's replay of the window (the trajectory
+  every group needs) is done by every rank.
 
 docs/design.md §2: DDP does not support double backward and its hooks do not fire on ``autograd.grad``, so
 curvature code always runs on the unwrapped module and reduces its results explicitly.
@@ -27,7 +29,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +39,8 @@ import torch
 
 from commute.errors import CommuteError
 
-__all__ = ["World", "SINGLE", "env_world", "current", "setup", "shutdown", "shard_rows", "shard_batch"]
+__all__ = ["World", "SINGLE", "env_world", "current", "setup", "shutdown", "shard_rows", "shard_batch",
+           "estimate_world", "GroupSplit"]
 
 _ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
@@ -234,3 +238,50 @@ def shard_batch(item: Any, world: World) -> Any:
 def owned(n: int, world: World) -> Sequence[int]:
     """The indices ``0..n-1`` this rank computes when work items are dealt round-robin (rank, rank+W, ...)."""
     return range(world.rank, n, world.world_size)
+
+
+def estimate_world(distributed: bool, device: torch.device) -> World:
+    """The ranks an estimator splits its groups over: :data:`SINGLE` unless ``distributed``, else the
+    run's process group, joined with :func:`setup` if it is not yet (``nccl`` for a CUDA ``device``, else
+    ``gloo``)."""
+    if not distributed:
+        return SINGLE
+    return setup("cuda" if device.type == "cuda" else "cpu")
+
+
+class GroupSplit:
+    """An estimate's ``n`` independent groups dealt round-robin over the ranks (:func:`owned`), and the
+    agreement on failure that must come before their per-group samples are summed over ranks.
+
+    A rank runs its share inside :meth:`share`; on several processes an error raised there is kept, not
+    raised, so that the rank still reaches :meth:`settle`, the first collective after the work: there every
+    rank learns that some rank failed and raises (the failing rank its own error, the others one sentence
+    pointing to it) instead of waiting forever for a rank that has left. On one process errors pass through.
+    """
+
+    def __init__(self, n: int, world: World) -> None:
+        self.world = world
+        self.mine = frozenset(owned(n, world))
+        self.failure: Exception | None = None
+
+    def __contains__(self, g: object) -> bool:
+        return g in self.mine
+
+    def __len__(self) -> int:
+        return len(self.mine)
+
+    @contextmanager
+    def share(self) -> Iterator[None]:
+        """Run this rank's share of the work (the error of a multi-process run is kept for :meth:`settle`)."""
+        try:
+            yield
+        except Exception as exc:
+            if not self.world.enabled:
+                raise
+            self.failure = exc
+
+    def settle(self, what: str) -> None:
+        """Every rank: raise if any rank's share failed (one collective; nothing on one process)."""
+        if self.world.enabled and self.world.any(self.failure is not None):
+            raise self.failure or CommuteError(f"the distributed {what} failed on another process (its "
+                                               "message is in that process's output).")

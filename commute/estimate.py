@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from commute.bracket import graph_hvps, intervention_excess, tree_dot
 from commute.curvature import math_attention
-from commute.distributed import SINGLE, World, owned
+from commute.distributed import GroupSplit, estimate_world
 from commute.errors import CommuteError
 from commute.io import atomic_write
 from commute.progress import Progress
@@ -436,36 +436,28 @@ class BracketEstimator:
         used = dict.fromkeys(names, 0)
         hvp0, grad0 = self.n_hvp, self.n_grad
         t0 = time.perf_counter()
-        world = self._world() if distributed else SINGLE
-        mine = set(owned(G, world))
+        world = estimate_world(distributed, self.device)
+        split = GroupSplit(G, world)
         per_group = 2 * n_half + n_h  # batches of each domain per group
-        failure: CommuteError | None = None
 
         modes = [(m, m.training) for m in self.model.modules()]
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(math_attention())
-            bar = Progress(f"bracket ({mode}, K={K})", len(mine) * K * per_group,
+            bar = Progress(f"bracket ({mode}, K={K})", len(split) * K * per_group,
                            enabled=progress and world.main, unit="batches", transient=True)
             stack.enter_context(bar)
             self.model.eval()
             stack.callback(_restore_modes, modes)
-            for g in range(G):
-                try:
-                    if g not in mine:  # another rank's group: its batches are drawn and left to that rank
+            with split.share():  # an error here reaches the other ranks at split.settle
+                for g in range(G):
+                    if g not in split:  # another rank's group: its batches are drawn and left to that rank
                         self._skip(names, iters, used, per_group)
                     else:
                         p_groups[g], loss_groups[g] = self._group(names, iters, used, n_half, n_h, mode, W,
                                                                   T, bar.advance)
-                except CommuteError as exc:
-                    if not world.enabled:
-                        raise
-                    failure = exc  # the others are told below, at the one collective, instead of hanging
-                    break
         if world.enabled:
-            if world.any(failure is not None):
-                raise failure or CommuteError("the distributed bracket estimate failed on another process "
-                                              "(its message is in that process's output).")
+            split.settle("bracket estimate")
             p_groups = world.all_sum(p_groups)
             loss_groups = world.all_sum(loss_groups)
         if not np.all(np.isfinite(p_groups)):
@@ -497,12 +489,6 @@ class BracketEstimator:
             seconds=seconds,
             meta=meta,
         )
-
-    def _world(self) -> World:
-        """The processes to split the groups over (joining torchrun's process group if needed)."""
-        from commute.distributed import setup
-
-        return setup("cuda" if self.device.type == "cuda" else "cpu")
 
     def _skip(self, names: Sequence[str], iters: Mapping[str, Iterator[Any]], used: dict[str, int],
               n: int) -> None:

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from commute.bracket import Loss, Params, _leaves, _rebuild, graph_hvps
 from commute.curvature import math_attention
+from commute.distributed import GroupSplit, estimate_world
 from commute.errors import CommuteError
 from commute.estimate import (
     Estimate,
@@ -989,6 +990,9 @@ class ResponseEstimator:
         used[name] += 1
         return batch
 
+    def _counters(self) -> tuple[int, int, int, int]:
+        return self.n_grad, self.n_graph, self.n_hvp, self.n_vjp
+
     def _store(self, x: Leaves | None) -> Leaves | None:
         return None if x is None else tuple(t.detach().to(self.store_device) for t in x)
 
@@ -1059,6 +1063,7 @@ class ResponseEstimator:
         batches_per_step: int = 1,
         target_batches: int | None = None,
         progress: bool = False,
+        distributed: bool = False,
     ) -> ResponseReport:
         """G_k(t) and G0_k(t) for every domain, window step and target, in ``n_groups`` groups.
 
@@ -1078,6 +1083,17 @@ class ResponseEstimator:
             batches_per_step: fresh batches per domain per step per group.
             target_batches: fresh batches per domain for grad L(theta_end), per group (default
                 ``batches_per_step``).
+            progress: show a rich progress bar on stderr.
+            distributed: split the groups over the processes of a torchrun run (every rank must call this
+                with the same model weights, optimiser state, streams, training batches and arguments; the
+                process group is joined from the torchrun environment if it is not yet, see
+                :mod:`commute.distributed`). Every rank replays the window (each group needs the
+                trajectory), then rank r computes groups r, r+W, ... on the model it was given (the
+                unwrapped module: DDP has no double backward), drawing and discarding the other groups'
+                batches so that every group sees the batches it would see on one process; the per-group
+                samples are then summed over ranks (the zeros of skipped groups add exactly), so every rank
+                returns the one-process report (``seconds`` and ``replay_seconds``: the slowest rank's;
+                ``meta["world_size"]`` added). On one process this is the plain estimate.
 
         Draw order (each batch used once): group by group; in a group, first the target batches at
         theta_end (for each batch index, every domain in turn), then steps n-1 down to 0, for each of the
@@ -1101,15 +1117,24 @@ class ResponseEstimator:
         g_groups = np.zeros((G, M, K, n))
         g0_groups = np.zeros((G, M, K, n))
         loss_groups = np.full((G, K), np.nan)
-        counters0 = (self.n_grad, self.n_graph, self.n_hvp, self.n_vjp)
+        world = estimate_world(distributed, self.device)
+        split = GroupSplit(G, world)
+        counters0 = self._counters()
         t_begin = time.perf_counter()
-        with self._context(progress, f"response ({self._hp.name}, K={K}, M={M})", n * (G + 1)) as bar:
+        t_replay, counters1, train_losses = 0.0, counters0, []
+        what = f"response ({self._hp.name}, K={K}, M={M})"
+        with self._context(progress and world.main, what, n * (len(split) + 1)) as bar, split.share():
             traj, p_end, m_end, v_end, train_losses = self._replay(train_batches, n, start, lrs, True,
                                                                    bar.advance)
             t_replay = time.perf_counter() - t_begin
+            counters1 = self._counters()  # every rank replays: counted once below
             iters = {d: iter(self.streams[d]) for d in domains}
             used = dict.fromkeys(domains, 0)
             for g in range(G):
+                if g not in split:  # another rank's group: its batches are drawn (in order) and left to it
+                    for d in [domains[k] for _ in range(bt) for k in in_targets] + [*domains] * (n * b):
+                        self._next(d, iters[d], used)
+                    continue
                 # grad L(theta_end) per target, from fresh batches
                 q = tuple(x.detach().requires_grad_(True) for x in p_end)
                 gk_end: dict[int, list[Tensor]] = {k: [torch.zeros_like(x) for x in q] for k in in_targets}
@@ -1130,11 +1155,25 @@ class ResponseEstimator:
                                           g_groups[g, :, :, t], g0_groups[g, :, :, t])
                     bar.advance()
                 del lam, lam_end
+        seconds = time.perf_counter() - t_begin
+        replayed, done = (tuple(y1 - y0 for y0, y1 in zip(c0, c1, strict=True))
+                          for c0, c1 in ((counters0, counters1), (counters1, self._counters())))
+        if world.enabled:
+            split.settle("response estimate")
+            skipped = [g for g in range(G) if g not in split]
+            loss_groups[skipped] = 0.0  # the owner's row (NaN where a domain is in no target) + zeros
+            g_groups, g0_groups, loss_groups = (world.all_sum(x) for x in (g_groups, g0_groups, loss_groups))
+            done = tuple(int(x) for x in world.all_sum(done))
+            seconds, t_replay = (float(x) for x in world.all_max([seconds, t_replay]))
         if not (np.all(np.isfinite(g_groups)) and np.all(np.isfinite(g0_groups))):
             raise CommuteError("the response estimate is not finite (gradients or Hessian-vector products "
                                "overflowed); check the model's state and dtype.")
-        n_grad, n_graph, n_hvp, n_vjp = (a - c for a, c in zip(
-            (self.n_grad, self.n_graph, self.n_hvp, self.n_vjp), counters0, strict=True))
+        n_grad, n_graph, n_hvp, n_vjp = (a + c for a, c in zip(replayed, done, strict=True))
+        meta = {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "n_params": sum(p.numel() for p in self.params),
+                "optimizer_kwargs": _jsonable(self.optimizer_kwargs), "state_step": self.state.step}
+        if world.enabled:
+            meta["world_size"] = world.world_size
         return ResponseReport(
             domains=domains,
             targets=named,
@@ -1154,11 +1193,9 @@ class ResponseEstimator:
             n_graph=n_graph,
             n_hvp=n_hvp,
             n_vjp=n_vjp,
-            seconds=time.perf_counter() - t_begin,
+            seconds=seconds,
             replay_seconds=t_replay,
-            meta={"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                  "n_params": sum(p.numel() for p in self.params),
-                  "optimizer_kwargs": _jsonable(self.optimizer_kwargs), "state_step": self.state.step},
+            meta=meta,
         )
 
     def _step_back(
