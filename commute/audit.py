@@ -556,10 +556,7 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
                             train_loss_fn=_train_loss_fn(cfg.loss_weighting, names))
     t0 = time.perf_counter()
     rp = est.replay(batches(), e - s, start=s, progress=progress)
-    ref = dict(end.model.named_parameters())
-    num = sum(float((rp.params[k].double() - ref[k].detach().double()).pow(2).sum()) for k in rp.params)
-    den = sum(float(ref[k].detach().double().pow(2).sum()) for k in rp.params)
-    replay = {"rel_error": math.sqrt(num / den) if den > 0 else math.nan, "seconds": time.perf_counter() - t0,
+    replay = {"rel_error": rp.rel_error(end.model), "seconds": time.perf_counter() - t0,
               "of": f"|theta_replayed - theta(step {e})| / |theta(step {e})| over all parameters"}
     rep = est.estimate(batches(), sched, targets=list(names), steps=e - s, start=s, n_groups=groups,
                        batches_per_step=1, target_batches=target_batches, progress=progress)

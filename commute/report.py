@@ -92,6 +92,17 @@ def _frac(c: Mapping[str, Any], k: str, n: str) -> str:
     return f"{c[k]}/{c[n]}"
 
 
+def _replay_md(data: Mapping[str, Any]) -> list[str]:
+    """One sentence: how closely each response window's replay reproduced the base run (when measured)."""
+    errs = [r["replay_rel_error"] for a in data.get("arms", []) for r in a.get("responses", [])
+            if r.get("replay_rel_error") is not None]
+    if not errs:
+        return []
+    return ["", f"The response windows are replays of the base run from its checkpoint at t0: they reproduce "
+            f"the base checkpoint at t0 + 2T to a relative parameter error of at most {max(errs):.1e} "
+            f"({len(errs)} windows)."]
+
+
 def _threshold_text(s: Mapping[str, Any]) -> str:
     """One sentence: the significance threshold(s) used."""
     sig = s.get("significance", {})
@@ -377,6 +388,7 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         "(second order in γT), the **first-order alignment** (the response without curvature: the target "
         "gradient at the window's end against each step's domain gradients) and the **recency rule** (the "
         "domain boosted last ends better; sign only).",
+        *_replay_md(data),
         "",
         *_trust_md(summary),
         _predictors_md(summary),

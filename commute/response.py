@@ -709,6 +709,15 @@ class Replay:
     state: OptimizerState
     losses: list[float]
 
+    def rel_error(self, model: nn.Module) -> float:
+        """|theta_replayed - theta_model| / |theta_model| over all parameters (float64; nan if theta_model
+        is 0): compare with the run's checkpoint at the window's end to check that the replay is the run."""
+        ref = dict(model.named_parameters())
+        num = sum(float((x.double() - ref[k].detach().double().to(x.device)).pow(2).sum())
+                  for k, x in self.params.items())
+        den = sum(float(ref[k].detach().double().pow(2).sum()) for k in self.params)
+        return math.sqrt(num / den) if den > 0 else math.nan
+
 
 class ResponseEstimator:
     """G_k(t) = dL(theta_end)/dw_k(t) on a real, noisy run, for population losses, with a stderr.

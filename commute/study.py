@@ -506,22 +506,29 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
 
     cfg, rc, tc = arm.cfg, arm.cfg.response, arm.tc
     names = cfg.domain_names
+    n = 2 * cfg.T
     ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
-    sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, tc.seed, tc.sampler_mode)
-    sampler.load_state_dict(ck.state["sampler"])
     base = dict(arm.variant.base)
+
+    def train_batches() -> Callable[[int], Any]:
+        sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, tc.seed, tc.sampler_mode)
+        sampler.load_state_dict(ck.state["sampler"])
+        return lambda s: sampler.next_batch(base)
+
     seed = cfg.seed * 1_000_003 + t0 + 13
     streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
     # optimiser, its hyperparameters per group and the lr schedule are read from the run itself
     est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
                             state=ck.optimizer_state, state_names=param_group_names(ck.model))
-    n = 2 * cfg.T
+    # the replay must be the base run: compare its end with the base checkpoint at t0 + 2T
+    end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)
+    replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
     with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
-        rep = est.estimate(lambda s: sampler.next_batch(base), [base] * n, targets=list(names), steps=n,
-                           start=t0, n_groups=rc.n_groups)
+        rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
+                           n_groups=rc.n_groups)
     unit = _unit_delta(cfg)
     return {"step": t0, "n_groups": rc.n_groups, "batch_size": rc.batch_size, "n_hvp": rep.n_hvp,
-            "seconds": rep.seconds,
+            "seconds": rep.seconds, "replay_rel_error": replay_error,
             "unit": {k: {"response": rep.predict(k, unit).to_dict(),
                          "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names}}
 

@@ -345,6 +345,8 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
             assert set(preds) == {"bracket", "response", "alignment", "recency"}
             assert preds["recency"]["mean"] == (1.0 if k == "a" else -1.0)
             resp = next(r for r in arm["responses"] if r["step"] == 4)
+            # the response's window is the base run's: its replay ends on the base checkpoint at t0 + 2T
+            assert 0 <= resp["replay_rel_error"] < 1e-5
             for name in ("response", "alignment"):  # linear in Δw = 0.25, per unit from the response stage
                 assert preds[name]["mean"] == pytest.approx(0.25 * resp["unit"][k][name]["mean"])
                 assert preds[name]["stderr"] == pytest.approx(0.25 * resp["unit"][k][name]["stderr"])
@@ -353,6 +355,7 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
             assert math.isfinite(p["pred_stderr"]) and p["pred_stderr"] >= 0
         assert {c["step"] for c in arm["checkpoints"]} == {2, 4}
     assert StudyConfig.from_yaml(out / "config.yaml") == cfg  # reproducible from the saved config
+    assert "reproduce the base checkpoint at t0 + 2T" in res.report_path.read_text()
 
     # a re-run finds everything cached: no training, no estimation, same numbers
     import commute.estimate
