@@ -38,6 +38,7 @@ __all__ = [
     "CKPT_FILES",
     "Checkpoint",
     "save_checkpoint",
+    "save_model_state",
     "list_checkpoints",
     "find_checkpoint",
     "prune_checkpoints",
@@ -141,10 +142,14 @@ def restore_rng_state(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], *, checksum: Callable[[Path], str] = sha256_file) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | Mapping[str, Tensor],
+                    optimizer: torch.optim.Optimizer | Mapping[str, Any], state: dict[str, Any], *,
+                    checksum: Callable[[Path], str] = sha256_file) -> Path:
     """Write ``checkpoints/step_XXXXXXXX`` atomically (temp dir + rename), then the ``latest`` pointer.
 
+    ``model`` and ``optimizer`` may also be given as their full state dicts (an FSDP run gathers them:
+    commute.fsdp), the model's with tied names holding one tensor object; the files are the same as for the
+    modules (:func:`save_model_state`).
     ``state`` (JSON-able) becomes ``state.json`` with ``files`` = {file: ``checksum(file)``} added;
     :func:`read_state` verifies with :func:`sha256_file`, so ``checksum`` is only a seam for tests that
     simulate a crash mid-write. Re-writing an existing step replaces it atomically too.
@@ -156,8 +161,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     name = f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckdir))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if isinstance(model, torch.nn.Module):
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_model_state(model, tmp / "model.safetensors")
+        opt_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+        torch.save(opt_state, tmp / "optimizer.pt")
         save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
         state = {**state, "files": {f: checksum(tmp / f) for f in CKPT_FILES}}
         atomic_write(tmp / "state.json", json.dumps(state, indent=1))
@@ -179,6 +188,26 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         raise
     atomic_write(ckdir / "latest", name + "\n")
     return final
+
+
+def save_model_state(state: Mapping[str, Tensor], path: Path) -> None:
+    """Write a model's full state dict as ``safetensors.torch.save_model`` writes the model: of the names
+    holding one tensor object (tied parameters) the alphabetically first is stored and the others are named
+    in the metadata (``{dropped: kept}``); every tensor contiguous."""
+    from safetensors.torch import save_file
+
+    by_id: dict[int, list[str]] = {}
+    for name, t in state.items():
+        by_id.setdefault(id(t), []).append(name)
+    metadata: dict[str, str] | None = None
+    out = dict(state)
+    for names in by_id.values():
+        keep, *drop = sorted(names)
+        for name in drop:
+            metadata = metadata or {}
+            metadata[name] = keep
+            del out[name]
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=metadata)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_steps: Iterable[int], current: Path) -> None:

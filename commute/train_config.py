@@ -95,10 +95,13 @@ class TrainConfig:
     dtype: str = _f("float32", "Parameter dtype: float32, float64, bfloat16 or float16.")
     autocast: str | None = _f(None, "Mixed-precision compute dtype (bfloat16/float16); null = off.")
     deterministic: bool = _f(True, "torch.use_deterministic_algorithms (bitwise-reproducible runs).")
+    parallel: str = _f("ddp", "Under torchrun: ddp (each process holds the whole model) or fsdp (weights, "
+                       "gradients and optimiser state sharded over the processes); no effect on one process.")
 
-    # fields that never change a run's trajectory (free to differ on resume)
+    # fields that never change a run's trajectory (free to differ on resume; parallel, like the number of
+    # processes, changes only the float rounding, and a checkpoint moves between ddp, fsdp and one process)
     RUN_FIELDS = ("steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "ckpt_steps",
-                  "keep_last", "tensorboard", "device", "cache_dir")
+                  "keep_last", "tensorboard", "device", "cache_dir", "parallel")
     # fields a branch may change (on top of RUN_FIELDS)
     BRANCH_FIELDS = ("schedule", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "betas", "eps",
                      "momentum", "weight_decay", "grad_clip", "loss_weighting", "attn_implementation",
@@ -165,6 +168,8 @@ class TrainConfig:
              f"config field dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         need(self.autocast in (None, "bfloat16", "float16"),
              f"config field autocast must be null, bfloat16 or float16, got {self.autocast!r}.")
+        need(self.parallel in ("ddp", "fsdp"),
+             f"config field parallel must be ddp or fsdp, got {self.parallel!r}.")
         need(self.attn_implementation in ("eager", "sdpa"),
              f"config field attn_implementation must be eager or sdpa, got {self.attn_implementation!r}.")
         for name in ("lr", "eps", "momentum", "weight_decay", "grad_clip", "min_lr_ratio", "val_fraction"):
