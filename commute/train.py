@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from commute import fsdp
 from commute.checkpoint import (
     CKPT_FORMAT,
     Checkpoint,
@@ -289,6 +290,62 @@ def _evaluate_sharded(model: torch.nn.Module, val_batches: Mapping[str, Sequence
     tot = world.all_sum(sums)
     return {name: float(tot[2 * k] / tot[2 * k + 1]) if tot[2 * k + 1] else float("nan")
             for k, name in enumerate(val_batches)}
+
+
+@torch.no_grad()
+def _evaluate_rows(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
+                   world: World) -> dict[str, float]:
+    """:func:`evaluate` on an FSDP-sharded model: every forward is a collective, so every rank runs every
+    batch, on its share of the rows (``torch.tensor_split``; a rank without rows runs one row and discards
+    it); the loss sums and sequence counts are summed over ranks."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    try:
+        for batches in val_batches.values():
+            total, n = 0.0, 0
+            for b in batches:
+                ids = getattr(b, "input_ids", b)
+                mine = torch.tensor_split(ids, world.world_size)[world.rank]
+                losses = sequence_losses(model, (mine if len(mine) else ids[:1]).to(device))
+                if len(mine):
+                    total += float(losses.double().sum())
+                    n += losses.numel()
+            sums += [total, n]
+    finally:
+        model.train(was_training)
+        fsdp.reshard(model)
+    tot = world.all_sum(sums)
+    return {name: float(tot[2 * k] / tot[2 * k + 1]) if tot[2 * k + 1] else float("nan")
+            for k, name in enumerate(val_batches)}
+
+
+def _load_sharded_weights(path: Path, model: torch.nn.Module) -> None:
+    """:func:`load_weights` and :func:`check_finite` for an FSDP-sharded model: every rank reads the full
+    ``model.safetensors`` on the CPU and keeps its shards."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as exc:
+        raise CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
+                           f"({str(exc).splitlines()[0][:200]}).") from None
+    state = fsdp.tie(state, fsdp.tied_groups(model))
+    want = set(model.state_dict())
+    if set(state) != want:
+        raise CommuteError(f"checkpoint {str(path)!r} does not fit this model (missing "
+                           f"{len(want - set(state))}, unexpected {len(set(state) - want)} tensors).")
+    bad = [n for n, t in state.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CommuteError(f"checkpoint {str(path)!r} holds weights that are not finite ({bad[0]}); "
+                           "continue from an earlier checkpoint of the run with a lower learning rate "
+                           "(--branch-from).")
+    try:
+        fsdp.load_model_state(model, state)
+    except Exception as exc:
+        raise CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
+                           f"({str(exc).splitlines()[0][:200]}).") from None
 
 
 def diverged(what: str, lr: float, last_checkpoint: Path | None) -> NonFiniteLossError:
@@ -660,6 +717,9 @@ def _join_world(cfg: TrainConfig, batch_source: Any) -> World:
         if dev.startswith("cuda:"):
             raise CommuteError(f"device {dev!r} names one GPU, but under torchrun every process uses the GPU "
                                "of its LOCAL_RANK; set device to cuda (or auto).")
+        if cfg.parallel == "fsdp" and not fsdp.available():
+            raise CommuteError("parallel: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2), which torch "
+                               f"{torch.__version__} lacks; use parallel: ddp or a newer torch.")
     return setup_distributed(cfg.device)
 
 
@@ -699,7 +759,13 @@ class _Run:
             raise CommuteError(f"seq_len={cfg.seq_len} exceeds the model's context of "
                                f"{self.model.config.n_positions}; lower seq_len or set "
                                "model_overrides.n_positions.")
-        self.model.to(device)
+        #: parallel: fsdp on several processes: the model is sharded over the ranks (commute.fsdp) before the
+        #: optimiser is built, and checkpoints gather and scatter full state dicts
+        self.fsdp = world.enabled and cfg.parallel == "fsdp"
+        if self.fsdp:  # fully_shard moves each block to the device as it shards it
+            fsdp.shard_model(self.model, world, device)
+        else:
+            self.model.to(device)
         #: what the steps run through: the model itself, or its DDP wrapper on several processes (begin)
         self.train_model: torch.nn.Module = self.model
         self.optimizer = _build_optimizer(self.model, cfg)
@@ -736,11 +802,19 @@ class _Run:
         ck, state = origin.path, origin.state
         assert ck is not None and state is not None
         check_arch(ck, state.get("arch"), self.model)
-        load_weights(ck, self.model, self.device)
-        check_finite(ck, self.model)
+        if self.fsdp:
+            _load_sharded_weights(ck, self.model)
+        else:
+            load_weights(ck, self.model, self.device)
+            check_finite(ck, self.model)
         try:
-            opt_state = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
-            self.optimizer.load_state_dict(opt_state)
+            if self.fsdp:  # every rank reads the full state and keeps its shard
+                opt_state = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True)
+                fsdp.load_optimizer_state(self.model, self.optimizer, opt_state,
+                                          param_group_names(self.model))
+            else:
+                opt_state = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
+                self.optimizer.load_state_dict(opt_state)
         except Exception as exc:
             raise CommuteError(f"cannot restore the optimiser state of checkpoint {str(ck)!r} "
                                f"({type(exc).__name__}).") from None
@@ -799,10 +873,16 @@ class _Run:
     def unhealthy(self) -> str | None:
         """Why the current weights must not be checkpointed (not finite, or a non-finite loss on the last
         batch trained on), or None. The probe runs in eval mode without gradients: it changes no state and
-        draws no random numbers, so the run is bitwise the same with or without it."""
-        for name, p in self.model.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                return f"are not finite ({name})"
+        draws no random numbers, so the run is bitwise the same with or without it. Under FSDP every rank
+        checks its shards and the probe's forward (a collective) runs on every rank or none."""
+        if self.fsdp:
+            name = fsdp.local_nonfinite(self.model)
+            if self.world.any(name is not None):
+                return f"are not finite ({name or 'in the shard of another process'})"
+        else:
+            for name, p in self.model.named_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    return f"are not finite ({name})"
         if self.probe is None:
             return None
         ids = getattr(self.probe, "input_ids", self.probe)
@@ -815,6 +895,8 @@ class _Run:
                 loss = float(sequence_losses(self.model, ids.to(self.device)).double().mean())
         finally:
             self.model.train(was)
+            if self.fsdp:
+                fsdp.reshard(self.model)
         return None if math.isfinite(loss) else f"give the loss {loss} on the last batch"
 
     def checkpoint(self, at: int) -> Path:
@@ -825,10 +907,14 @@ class _Run:
             bad = bad or "give a non-finite loss on another process's rows of the last batch"
         if bad is not None:
             raise diverged(f"the weights reached at step {at} {bad}", self.lr, self.last_ck)
+        model: Any = self.model
+        optimizer: Any = self.optimizer
+        if self.fsdp:  # every rank takes part in gathering the full state dicts; rank 0 receives them
+            model = fsdp.full_model_state(self.model)
+            optimizer = fsdp.full_optimizer_state(self.model, self.optimizer, param_group_names(self.model))
         if self.world.main:
             # _sha256 is read from this module at call time: tests replace it to simulate a crash mid-write
-            p = save_checkpoint(self.out_dir, at, self.model, self.optimizer, self.state_dict(at),
-                                checksum=_sha256)
+            p = save_checkpoint(self.out_dir, at, model, optimizer, self.state_dict(at), checksum=_sha256)
             prune_checkpoints(self.out_dir, self.cfg.keep_last, self.ckpt_steps, current=p)
         else:  # rank 0 writes it (every rank holds the same weights, optimiser and sampler state)
             p = self.out_dir / "checkpoints" / f"step_{at:08d}"
@@ -839,8 +925,12 @@ class _Run:
     def validate(self, at: int) -> dict[str, float]:
         """Evaluate on the validation batches (if any) and remember the result; the last one otherwise."""
         if self.val_batches:
-            val = (evaluate(self.model, self.val_batches) if not self.world.enabled
-                   else _evaluate_sharded(self.model, self.val_batches, self.world))
+            if self.fsdp:
+                val = _evaluate_rows(self.model, self.val_batches, self.world)
+            elif self.world.enabled:
+                val = _evaluate_sharded(self.model, self.val_batches, self.world)
+            else:
+                val = evaluate(self.model, self.val_batches)
             self.last_val, self.last_val_step = val, at
         return self.last_val
 
@@ -848,7 +938,7 @@ class _Run:
         """Before the first step: evaluate and checkpoint a new start point, open the batches, start the
         clocks."""
         self.end = end
-        if self.world.enabled:  # after restore(): every rank holds the same weights already
+        if self.world.enabled and not self.fsdp:  # after restore(): every rank holds the same weights already
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -992,7 +1082,10 @@ def train(
     checkpoints are those of the one-process run with the same config, to float rounding. Rank 0 alone
     writes files; each checkpoint is followed by a barrier, and holds the unwrapped model and the global
     sampler state, so it resumes (or branches) with any number of processes. Every rank returns the same
-    :class:`TrainResult`.
+    :class:`TrainResult`. With ``parallel: fsdp`` the model is sharded with FSDP2 instead of replicated
+    (:mod:`commute.fsdp`): the same batches, metrics and checkpoint files (gathered to rank 0), each rank
+    holding 1/N of the weights, gradients and optimiser state; validation batches are then split by rows,
+    and callbacks see the sharded model.
 
     Raises :class:`CommuteError` (one sentence) for bad input, :class:`NonFiniteLossError` if the loss
     becomes NaN/inf (the last good checkpoint is left intact).

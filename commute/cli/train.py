@@ -19,6 +19,9 @@ def train_cmd(
         None, "--max-steps", help="Stop after this step (resumable later); the lr horizon stays --steps."
     ),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps."),
+    parallel: str | None = typer.Option(
+        None, "--parallel", help="Under torchrun: ddp (replicated model) or fsdp (sharded); overrides config."
+    ),
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue the run in --out if it has checkpoints (else refuse)."
     ),
@@ -39,7 +42,8 @@ def train_cmd(
 
     Under torchrun (torchrun --nproc_per_node N --no-python commute train CONFIG) the run is data-parallel
     over N processes (gloo on CPU, nccl on CUDA): the same global batch, metrics and checkpoints as one
-    process; rank 0 writes and prints (train() joins the process group; it is left at exit).
+    process; rank 0 writes and prints (train() joins the process group; it is left at exit). --parallel fsdp
+    shards the weights, gradients and optimiser state over the processes (FSDP2) instead of replicating them.
     """
     from commute import distributed
     from commute.train import TrainConfig, train
@@ -50,6 +54,8 @@ def train_cmd(
         changes["steps"] = steps
     if device is not None:
         changes["device"] = device
+    if parallel is not None:
+        changes["parallel"] = parallel
     if changes:
         cfg = cfg.replace(**changes)
     if out is None:
