@@ -30,7 +30,7 @@ from commute.io import atomic_write, write_csv
 from commute.scores import FALLBACK_THRESHOLD, PREDICTORS, lambda_of, summarise, t_threshold
 
 __all__ = ["render_report", "write_csvs", "summary_table", "plot_loss_planes", "plot_pred_vs_obs",
-           "plot_predictors",
+           "plot_predictors", "plot_linearity",
            "plot_locality", "summarise", "PAPER_TABLES"]
 
 #: The paper's Tables 2 (balanced) and 3 (imbalanced): t, L1, L2, EL1^12, EL2^12, EL1^21, EL2^21,
@@ -365,6 +365,9 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         figs["planes"] = plot_loss_planes(data, out / "loss_planes.png").name
         figs["pred"] = plot_pred_vs_obs(data, out / "pred_vs_obs.png").name
         figs["predictors"] = plot_predictors(data, out / "predictors.png").name
+        lin = plot_linearity(data, out / "linearity.png")
+        if lin is not None:
+            figs["linearity"] = lin.name
         if data.get("locality"):
             figs["locality"] = plot_locality(data["locality"], out / "locality.png").name
     write_csvs(data, out)
@@ -397,6 +400,13 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
            "Each predictor against the replicated observation (both with ± stderr bars; filled: significant "
            "observation). Both axes share one symmetric-log scale per panel; the dashed line is "
            "observed = predicted.", ""] if figures else []),
+        *([f"![linearity]({figs['linearity']})", "",
+           "Is the observation first order in Δw? The observed antisymmetric excess per unit Δw (± stderr "
+           "over the replicates) against Δw, and the linear response's per-unit prediction (dashed, band ± "
+           "stderr). A first-order answer is flat and on its dashed line; a slope in Δw is the cubic term "
+           "(the even terms cancel in the antisymmetric part) that no first-order predictor has, and a flat "
+           "line away from the dashed one is an error of the response itself.", ""]
+          if "linearity" in figs else []),
         "## The bracket in detail",
         "",
         "EL_i^12 = L_i(θ12) − L_i(θ_base(t0+2T)) on fixed validation batches; θ12 boosts domain 1 first "
@@ -705,6 +715,77 @@ def plot_predictors(data: Mapping[str, Any], path: str | Path) -> Path:
                        label="observation not significant")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     return _save(plt, fig, path, rect=(0, 0.5 / (4.0 * len(opts) + 0.5), 1, 1))
+
+
+def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Is the observation first order in Δw? Observed (EL^12 − EL^21)/2 per unit Δw (mean ± stderr over the
+    replicates) against Δw, one line per t0, one panel per (arm, target), on a linear scale set by the
+    observations; the linear response's per-unit prediction Σδw·G/Δw (± stderr band) as a dashed line of
+    the same colour, or, when it lies far outside, its value written in the panel. A first-order answer is
+    flat in Δw and on its dashed line; a slope in Δw is the cubic term no first-order predictor has. None
+    without response predictions."""
+    arms = [a for a in data["arms"] if a.get("responses")]
+    if not arms:
+        return None
+    plt = _plt()
+    names = list(data["domains"])
+    fig, axes = plt.subplots(len(names), len(arms), figsize=(3.6 * len(arms), 3.0 * len(names) + 0.5),
+                             squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red"]
+    for col, arm in enumerate(arms):
+        t0s = sorted({c["t0"] for c in arm["cells"]})
+        units = {r["step"]: r["unit"] for r in arm["responses"]}
+        dws_all = sorted({c["delta_w"] for c in arm["cells"]})
+        lo, hi = dws_all[0], dws_all[-1]
+        span_x = [lo, hi] if hi > lo else [lo * 0.9, lo * 1.1]
+        for row, d in enumerate(names):
+            ax = axes[row][col]
+            ext: list[float] = []
+            lines = []
+            for n, t0 in enumerate(t0s):
+                color = colors[n % len(colors)]
+                cs = sorted((c for c in arm["cells"] if c["t0"] == t0 and d in c["per_domain"]),
+                            key=lambda c: c["delta_w"])
+                dws = [c["delta_w"] for c in cs]
+                obs = [c["per_domain"][d].get("observed") or {"mean": c["per_domain"][d]["antisym"]}
+                       for c in cs]
+                ys = [o["mean"] / w for o, w in zip(obs, dws, strict=True)]
+                es = [(o.get("stderr") or 0.0) / w for o, w in zip(obs, dws, strict=True)]
+                es = [e if math.isfinite(e) else 0.0 for e in es]
+                ext += [abs(y) + e for y, e in zip(ys, es, strict=True)]
+                ax.errorbar(dws, ys, yerr=es, fmt="o-", ms=4, lw=1, color=color, elinewidth=0.8,
+                            label=f"observed, t0 = {t0}")
+                u = units.get(t0, {}).get(d, {}).get("response")
+                if u and math.isfinite(u["mean"]):
+                    se = u.get("stderr") or 0.0
+                    lines.append((color, t0, u["mean"], se if math.isfinite(se) else 0.0))
+            lim = 1.25 * max([x for x in ext if math.isfinite(x)] or [1e-12])
+            off = []
+            for color, t0, mean, se in lines:
+                if abs(mean) > 3 * lim:
+                    off.append((color, t0, mean, se))
+                    continue
+                lim = max(lim, 1.15 * abs(mean))
+                ax.plot(span_x, [mean] * 2, "--", color=color, lw=1, label=f"response, t0 = {t0}")
+                if se > 0:
+                    ax.fill_between(span_x, mean - se, mean + se, color=color, alpha=0.12, lw=0)
+            for k, (color, t0, mean, se) in enumerate(off):
+                ax.text(0.02, 0.03 + 0.08 * k, f"response t0={t0}: {mean:+.3g} ± {se:.2g} (off scale)",
+                        transform=ax.transAxes, fontsize=6.5, color=color)
+            ax.set_ylim(-lim, lim)
+            ax.axhline(0, color="k", lw=0.4)
+            ax.set_xticks(dws_all)
+            ax.set_title(f"{_arm_name(arm)}: L = {d}", fontsize=9)
+            ax.set_xlabel("Δw", fontsize=8)
+            ax.set_ylabel("antisym. excess / Δw", fontsize=8)
+            ax.tick_params(labelsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[n % len(colors)], marker="o", label=f"observed, t0 = {t0}")
+               for n, t0 in enumerate(sorted({c["t0"] for a in arms for c in a["cells"]}))]
+    handles += [Line2D([], [], color="0.3", ls="--", label="linear response (± stderr band), same colour")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    return _save(plt, fig, path, rect=(0, 0.5 / (3.0 * len(names) + 0.5), 1, 1))
 
 
 def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:

@@ -320,7 +320,7 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
     res = run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
     assert res.report_path == out / "report.md" and res.report_path.is_file()
     for f in ("results.json", "config.yaml", "cells.csv", "checkpoints.csv", "locality.csv",
-              "loss_planes.png", "pred_vs_obs.png", "locality.png"):
+              "loss_planes.png", "pred_vs_obs.png", "locality.png", "linearity.png"):
         assert (out / f).is_file(), f
     data = json.loads((out / "results.json").read_text())
     arms = [(a["optimizer"], a["variant"]) for a in data["arms"]]
