@@ -26,6 +26,12 @@ locality of each window ahead, the Cor. 3.2b check that the training mix is loca
 run's own batches (:class:`commute.response.ResponseEstimator`), and recommendations, each with its
 evidence; an :class:`AuditResult` written as ``audit.json``, ``report.md`` and PNGs (cached per checkpoint
 and window). ``commute audit`` prints its summary.
+
+Both take ``distributed=True`` under torchrun (``commute bracket`` and ``commute audit`` pass it when
+``WORLD_SIZE`` > 1): every rank loads the checkpoints and domains, both estimators split their groups over
+the ranks (:mod:`commute.distributed`), and every rank returns the one-process result; rank 0 alone logs,
+shows progress and writes files. λ_max, the response estimator's replays of a window and the replay check
+are done by every rank.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from commute.distributed import SINGLE, World, current, device_for, env_world, on_main, setup
 from commute.errors import CommuteError
 from commute.estimate import DEFAULT_MIX_NAME, BracketReport, Estimate, TournamentReport
 from commute.io import atomic_write, write_json
@@ -209,6 +217,20 @@ def _mix_weights(ck: Any, domains: tuple[str, ...]) -> tuple[dict[str, float], s
     return {d: float(w.get(d, 0.0)) for d in domains}, f"the schedule's weights at step {ck.step}"
 
 
+def _join(distributed: bool, device: str) -> World:
+    """The ranks of a distributed audit (:data:`SINGLE` unless ``distributed``): torchrun's process group,
+    joined now (gloo, or nccl for a CUDA ``device``) after the refusals ``commute train`` makes too."""
+    if not distributed:
+        return SINGLE
+    world = current() if current().enabled else env_world()
+    if world.enabled and device.startswith("mps"):
+        raise CommuteError("estimating on several processes needs cpu or cuda devices, not mps.")
+    if world.enabled and device.startswith("cuda:"):
+        raise CommuteError(f"device {device!r} names one GPU, but under torchrun every process uses the GPU "
+                           "of its LOCAL_RANK; use --device cuda (or auto).")
+    return setup(device)
+
+
 def bracket_at(
     checkpoint: str | os.PathLike[str],
     *,
@@ -223,6 +245,7 @@ def bracket_at(
     lambda_iters: int = 20,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> BracketAudit:
     """Estimate the bracket, the order tournament and the locality at a checkpoint (module docstring).
 
@@ -238,6 +261,10 @@ def bracket_at(
         lambda_batch_size: sequences per domain in the fixed batch of λ_max (default: ``batch_size``).
         lambda_iters: power iterations for λ_max.
         cache_dir: the token cache (default: the run's ``cache_dir``).
+        progress: show the estimator's progress bar (rank 0's only).
+        distributed: under torchrun, split the estimator's groups over the ranks (every rank must call
+            this with the same arguments; see the module docstring): every rank returns the one-process
+            result. Nothing is written here.
     """
     from commute.curvature import domain_losses, hessian_lambda_max, math_attention, mix_loss, model_params
     from commute.data import load_domains
@@ -248,7 +275,8 @@ def bracket_at(
     t0 = time.perf_counter()
     if not isinstance(horizon, int) or horizon < 1:
         raise CommuteError(f"the horizon must be a whole number of steps >= 1, got {horizon!r}.")
-    dev = resolve_device(device)
+    world = _join(distributed, device)
+    dev = device_for(world, resolve_device(device))
     path = Path(checkpoint)
     if not path.exists():
         raise CommuteError(f"{str(path)!r} does not exist; give a run directory or one of its checkpoints.")
@@ -273,7 +301,7 @@ def bracket_at(
     streams = {n: domains[n].batches(bs, cfg.seq_len, seed=seed) for n in names}
     est = BracketEstimator(model, lm_loss, streams)
     report = est.estimate(grad_batches, hvp_batches, targets=targets, n_groups=groups, mode="pairs",
-                          progress=progress)
+                          progress=progress, distributed=world.enabled)
 
     # λ_max of the training mix on one fixed batch per domain (a stream of its own: seed + 1)
     lb = {n: [next(domains[n].batches(lam_bs, cfg.seq_len, seed=seed + 1)).to(dev)] for n in names}
@@ -286,7 +314,8 @@ def bracket_at(
     settings = {"grad_batches": report.grad_batches, "hvp_batches": report.hvp_batches, "groups": groups,
                 "batch_size": bs, "seq_len": cfg.seq_len, "lambda_batch_size": lam_bs,
                 "lambda_iters": lambda_iters, "seed": seed, "device": str(dev),
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                **({"world_size": report.meta["world_size"]} if "world_size" in report.meta else {})}
     return BracketAudit(checkpoint=str(ck.path), step=ck.step, optimizer=cfg.optimizer, report=report,
                         targets=targets, mix_name=mix_name, mix_from=mix_from, lambda_max=float(lam),
                         lambda_of=lambda_of, gamma=float(lr_at(cfg, ck.step)), horizon=horizon,
@@ -526,10 +555,11 @@ def _skip_reason(state_a: dict[str, Any], state_b: dict[str, Any]) -> str | None
 
 
 def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups: int, batch_size: int,
-                     target_batches: int, seed: int, device: torch.device,
-                     progress: bool) -> tuple[Any, dict[str, Any]]:
+                     target_batches: int, seed: int, device: torch.device, progress: bool,
+                     world: World = SINGLE) -> tuple[Any, dict[str, Any]]:
     """:class:`commute.response.ResponseEstimator` over [step_a, step_b), replayed from ``ck_a`` on the run's
-    own batches; also replays the window once more to measure how well it reproduces ``ck_b``."""
+    own batches; also replays the window once more to measure how well it reproduces ``ck_b`` (several
+    processes: the groups are split over the ranks; every rank replays)."""
     from commute.data import MixtureSampler
     from commute.model import lm_loss
     from commute.response import ResponseEstimator
@@ -555,11 +585,12 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
                             state=ck.optimizer_state, state_names=param_group_names(ck.model),
                             train_loss_fn=_train_loss_fn(cfg.loss_weighting, names))
     t0 = time.perf_counter()
-    rp = est.replay(batches(), e - s, start=s, progress=progress)
+    rp = est.replay(batches(), e - s, start=s, progress=progress and world.main)
     replay = {"rel_error": rp.rel_error(end.model), "seconds": time.perf_counter() - t0,
               "of": f"|theta_replayed - theta(step {e})| / |theta(step {e})| over all parameters"}
     rep = est.estimate(batches(), sched, targets=list(names), steps=e - s, start=s, n_groups=groups,
-                       batches_per_step=1, target_batches=target_batches, progress=progress)
+                       batches_per_step=1, target_batches=target_batches, progress=progress,
+                       distributed=world.enabled)
     return rep, replay
 
 
@@ -720,6 +751,7 @@ def audit_run(
     seed: int = 0,
     figures: bool = True,
     progress: bool = False,
+    distributed: bool = False,
 ) -> AuditResult:
     """Audit a run over its checkpoints: the P table along training with locality, Cor. 3.2b violations
     of the training mix, the schedule gradient over the last windows, and recommendations with evidence.
@@ -745,6 +777,11 @@ def audit_run(
        the training mix at the window's end. The replay is checked against the window's last checkpoint.
     4. **Recommendations** (:func:`recommendations`).
 
+    ``distributed=True`` under torchrun (every rank calls this with the same arguments): both estimators
+    split their groups over the ranks, every rank reads the checkpoints, domains and cache and returns the
+    one-process result (its own ``seconds``); rank 0 alone logs, shows progress and writes the cache,
+    ``audit.json``, ``report.md`` and the figures, and a failure there is raised on every rank.
+
     ``audit.json`` (format ``commute.audit/1``): ``run``, ``domains``, ``optimizer``, ``checkpoints``
     (steps), ``threshold`` {dof, t}; ``p_table``: one entry per checkpoint with ``step``, ``mix`` {name,
     weights, from}, ``targets``, ``lambda_max``, ``lambda_of``, ``locality`` {horizon, gamma, value, note},
@@ -766,7 +803,8 @@ def audit_run(
     from commute.train import resolve_device
 
     t_begin = time.perf_counter()
-    dev = resolve_device(device)
+    world = _join(distributed, device)
+    dev = device_for(world, resolve_device(device))
     run = Path(run_dir)
     for name, v, lo in (("grad_batches", grad_batches, 1), ("hvp_batches", hvp_batches, 1),
                         ("groups", groups, 2), ("response_groups", response_groups, 2),
@@ -810,7 +848,8 @@ def audit_run(
     def stage(text: str) -> None:
         nonlocal done
         done += 1
-        logger.info(f"audit [{done}/{n_work}] {text}")
+        if world.main:
+            logger.info(f"audit [{done}/{n_work}] {text}")
 
     # the cache files of every estimate; the checkpoints still to be read are verified before any work
     bsettings = {"grad_batches": grad_batches, "hvp_batches": hvp_batches, "groups": groups,
@@ -847,7 +886,8 @@ def audit_run(
             horizon, to = 100, "= a default, one checkpoint selected"
         horizon = max(1, horizon)
         cached = _read_cache(bpath)
-        if cached is not None:
+        if not world.any(cached is None):  # several processes: estimated by all or by none
+            assert cached is not None
             stage(f"P table at step {step}: cached")
             audit = _bracket_audit_from_cache(cached)
             audit.horizon = horizon
@@ -856,8 +896,9 @@ def audit_run(
             audit = bracket_at(p, grad_batches=grad_batches, hvp_batches=hvp_batches, groups=groups,
                                batch_size=batch_size, horizon=horizon, device=device, seed=seed,
                                lambda_batch_size=lambda_batch_size, lambda_iters=lambda_iters,
-                               progress=progress)
-            write_json(bpath, _clean({"audit": audit.to_dict(), "report": audit.report.to_dict()}))
+                               progress=progress, distributed=world.enabled)
+            on_main(world, "audit", partial(write_json, bpath, _clean({"audit": audit.to_dict(),
+                                                                       "report": audit.report.to_dict()})))
         brackets[step] = audit
         p_table.append(_p_row(audit, thr, to))
         optimality += _optimality_rows(audit, thr, dof)
@@ -875,7 +916,8 @@ def audit_run(
             windows.append({"start": s, "end": e, "skipped": reason})
             continue
         cached = _read_cache(cpath)
-        if cached is not None:
+        if not world.any(cached is None):
+            assert cached is not None
             stage(f"schedule gradient over [{s}, {e}): cached")
             rep, replay = ResponseReport.from_dict(cached["report"]), cached["replay"]
         else:
@@ -888,9 +930,10 @@ def audit_run(
                                        cache_dir=cfg.get("cache_dir"), val_fraction=cfg["val_fraction"])
             rep, replay = _response_window(paths[a], paths[b], domains, groups=response_groups,
                                            batch_size=rbs, target_batches=response_target_batches, seed=seed,
-                                           device=dev, progress=progress)
+                                           device=dev, progress=progress, world=world)
             rep.meta["batch_size"] = rbs
-            write_json(cpath, _clean({"report": rep.to_dict(), "replay": replay}))
+            on_main(world, "audit", partial(write_json, cpath, _clean({"report": rep.to_dict(),
+                                                                       "replay": replay})))
         responses[(s, e)] = rep
         mix_e = brackets[e].targets[brackets[e].mix_name]
         windows.append(_window_dict(rep, replay, e, brackets[e].mix_name, dict(mix_e),
@@ -925,9 +968,20 @@ def audit_run(
                                 + sum(w.get("seconds", 0.0) + w.get("replay", {}).get("seconds", 0.0)
                                       for w in windows if not w.get("skipped")))
     data = _clean(data)
-    report_path, figs = render_audit(data, out, figures=figures)
-    data["files"] = {"json": "audit.json", "report": report_path.name, "figures": [f.name for f in figs]}
-    write_json(out / "audit.json", data)
+
+    def write() -> tuple[Path, list[Path]]:
+        report_path, figs = render_audit(data, out, figures=figures)
+        data["files"] = {"json": "audit.json", "report": report_path.name, "figures": [f.name for f in figs]}
+        write_json(out / "audit.json", data)
+        return report_path, figs
+
+    written = on_main(world, "audit", write)
+    if written is None:  # another rank: the files rank 0 has written
+        figs = [out / name for name, _ in _figure_plots(data, figures)]
+        report_path = out / "report.md"
+        data["files"] = {"json": "audit.json", "report": report_path.name, "figures": [f.name for f in figs]}
+    else:
+        report_path, figs = written
     return AuditResult(run=run, out_dir=out, data=data, brackets=brackets, responses=responses,
                        report_path=report_path, figures=figs, seconds=time.perf_counter() - t_begin)
 
@@ -1019,6 +1073,17 @@ def _rec_md(recs: list[dict[str, Any]], kind: str, title: str, limit: int = 12) 
     return lines + [""]
 
 
+def _figure_plots(data: dict[str, Any], figures: bool) -> list[tuple[str, Any]]:
+    """The figures :func:`render_audit` draws: (file name, plot function)."""
+    if not figures:
+        return []
+    plots: list[tuple[str, Any]] = [("p_along_training.png", plot_p_along),
+                                    ("optimality.png", plot_optimality)]
+    if any(not w.get("skipped") for w in data["response"]["windows"]):
+        plots.append(("response.png", plot_response))
+    return plots
+
+
 def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
                  figures: bool = True) -> tuple[Path, list[Path]]:
     """Write ``report.md`` (and with ``figures`` the PNGs) from an audit's data; returns (report, figures)."""
@@ -1027,12 +1092,7 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names, thr, dof = data["domains"], data["threshold"]["t"], data["threshold"]["dof"]
-    figs: list[Path] = []
-    if figures:
-        figs.append(plot_p_along(data, out / "p_along_training.png"))
-        figs.append(plot_optimality(data, out / "optimality.png"))
-        if any(not w.get("skipped") for w in data["response"]["windows"]):
-            figs.append(plot_response(data, out / "response.png"))
+    figs = [plot(data, out / name) for name, plot in _figure_plots(data, figures)]
     s = data["settings"]
     recs = data["recommendations"]
     md = [f"# Audit of `{data['run']}`", "",

@@ -19,6 +19,11 @@ What is split across the W ranks and how (commute.train, commute.estimate, commu
   g mod W on its unwrapped model, and the per-group samples are summed over ranks (each rank contributes
   zeros for the groups it skipped: exact). The response estimator's replay of the window (the trajectory
   every group needs) is done by every rank.
+* ``commute bracket`` and ``commute audit`` under torchrun (:func:`commute.audit.bracket_at` and
+  :func:`commute.audit.audit_run` with ``distributed=True``): every rank loads the checkpoints and domains
+  and runs both estimators with ``distributed=True`` (λ_max and the response estimator's replays are done by
+  every rank); rank 0 alone prints, shows progress and writes files (:func:`on_main`: a failure there is
+  raised on every rank, and the others wait for it to finish).
 
 docs/design.md §2: DDP does not support double backward and its hooks do not fire on ``autograd.grad``, so
 curvature code always runs on the unwrapped module and reduces its results explicitly.
@@ -29,10 +34,10 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,9 +45,10 @@ import torch
 from commute.errors import CommuteError
 
 __all__ = ["World", "SINGLE", "env_world", "current", "setup", "shutdown", "shard_rows", "shard_batch",
-           "estimate_world", "GroupSplit"]
+           "estimate_world", "GroupSplit", "on_main"]
 
 _ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -285,3 +291,17 @@ class GroupSplit:
         if self.world.enabled and self.world.any(self.failure is not None):
             raise self.failure or CommuteError(f"the distributed {what} failed on another process (its "
                                                "message is in that process's output).")
+
+
+def on_main(world: World, what: str, work: Callable[[], _T]) -> _T | None:
+    """``work()`` on rank 0 only (what prints or writes files), then every rank learns whether it failed: a
+    :class:`GroupSplit` of one item, so its :meth:`~GroupSplit.settle` raises rank 0's error on rank 0 and one
+    sentence naming ``what`` on the others, and is the collective that makes them wait for rank 0. Returns
+    ``work()``'s value on rank 0, None on the others; on one process it is ``work()``."""
+    split = GroupSplit(1, world)
+    out: _T | None = None
+    with split.share():
+        if 0 in split:
+            out = work()
+    split.settle(what)
+    return out

@@ -67,16 +67,26 @@ def audit_cmd(
     checkpoint; the Cor. 3.2b check that the training mix is locally optimal; the schedule gradient
     G_k(t) = ∂L/∂w_k(t) over the last windows, replayed on the run's own batches; and plain
     recommendations with their evidence. Writes audit.json, report.md and PNGs to --out.
+
+    Under torchrun (torchrun --nproc_per_node N --no-python commute audit RUN) the N processes split the
+    groups of both estimators (gloo on CPU, nccl on CUDA) and get the one-process numbers; rank 0 prints and
+    writes.
     """
+    from commute import distributed
     from commute.audit import audit_run
 
     res = audit_run(run, out, checkpoints=_steps(checkpoints), grad_batches=grad_batches,
                     hvp_batches=hvp_batches, groups=groups, batch_size=batch_size, response=response,
                     response_windows=_windows(response_windows), response_groups=response_groups,
-                    response_batch_size=response_batch_size, device=device, seed=seed, progress=progress)
-    for part in res.tables():
-        console.print(part)
-    if json_path is not None:
-        console.print(f"JSON written to [bold]{res.to_json(json_path)}[/]")
-    console.print(f"Report: [bold]{res.report_path}[/] ({res.seconds:.1f} s; figures: "
-                  f"{', '.join(f.name for f in res.figures) or 'none'})")
+                    response_batch_size=response_batch_size, device=device, seed=seed, progress=progress,
+                    distributed=distributed.env_world().enabled)
+
+    def report() -> None:
+        for part in res.tables():
+            console.print(part)
+        if json_path is not None:
+            console.print(f"JSON written to [bold]{res.to_json(json_path)}[/]")
+        console.print(f"Report: [bold]{res.report_path}[/] ({res.seconds:.1f} s; figures: "
+                      f"{', '.join(f.name for f in res.figures) or 'none'})")
+
+    distributed.on_main(distributed.current(), "commute audit", report)  # several processes: rank 0 reports

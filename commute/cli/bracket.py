@@ -30,13 +30,22 @@ def bracket_cmd(
     P(i, j; L) > 0 means training domain i then j ends with a higher L than mixing them. The JSON has the
     fields step, domains, targets, lambda_max, lambda_of, locality {horizon, gamma, value}, P [{i, j, target,
     mean, stderr, z, n}] for every ordered pair, ranking {target: domains first to last}, and more.
+
+    Under torchrun (torchrun --nproc_per_node N --no-python commute bracket RUN) the N processes split the
+    estimator's groups (gloo on CPU, nccl on CUDA) and get the one-process numbers; rank 0 prints and writes.
     """
+    from commute import distributed
     from commute.audit import bracket_at
 
     audit = bracket_at(checkpoint, grad_batches=grad_batches, hvp_batches=hvp_batches, groups=groups,
-                       batch_size=batch_size, horizon=horizon, device=device, seed=seed, progress=progress)
-    for part in audit.tables():
-        console.print(part)
-    console.print(f"{audit.seconds:.1f} s")
-    if json_path is not None:
-        console.print(f"JSON written to [bold]{audit.to_json(json_path)}[/]")
+                       batch_size=batch_size, horizon=horizon, device=device, seed=seed, progress=progress,
+                       distributed=distributed.env_world().enabled)
+
+    def report() -> None:
+        for part in audit.tables():
+            console.print(part)
+        console.print(f"{audit.seconds:.1f} s")
+        if json_path is not None:
+            console.print(f"JSON written to [bold]{audit.to_json(json_path)}[/]")
+
+    distributed.on_main(distributed.current(), "commute bracket", report)  # several processes: rank 0 reports
