@@ -267,15 +267,17 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
     pr = s.get("predictors") or {}
     groups = pr.get("groups", {})
     header = ["cells", "predictor", "significant cells", "sign right", "Spearman ρ", "median obs/pred",
-              "worst fold off"]
+              "worst fold off", "sign right where |pred| > 2 se", "obs within 2 se of pred"]
     rows = []
     for g, by in groups.items():
         for p, sc in by.items():
             if sc["n"] == 0 and p != "recency":
                 continue
+            conf = (f"{sc['sign_right_confident']}/{sc['n_confident']}" if sc.get("n_with_se") else "–")
+            within = (f"{sc['within_2se']}/{sc['n_with_se']}" if sc.get("n_with_se") else "–")
             rows.append([g, PREDICTOR_NAMES.get(p, p), str(sc["n"]),
                          f"{sc['sign_right']}/{sc['n']}" if sc["n"] else "–", _f(sc["spearman"], ".2f"),
-                         _f(sc["median_ratio"], ".2g"), _f(sc["max_fold"], ".2g")])
+                         _f(sc["median_ratio"], ".2g"), _f(sc["max_fold"], ".2g"), conf, within])
     return _table(header, rows)
 
 
@@ -307,6 +309,12 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
         out[0] += (f"; the size of a trade-off by the linear response only within its measured spread: "
                    f"median observed/predicted {_f(r['median_ratio'], '.2g')}, worst cell off by "
                    f"{_f(r['max_fold'], '.2g')}×")
+    if "response" in pr and pr["response"].get("n_with_se"):
+        r = pr["response"]
+        out[0] += (f". Does the response's stderr tell the truth? Where its prediction is itself beyond 2 "
+                   f"stderr its sign is right in {r['sign_right_confident']}/{r['n_confident']} cells, and "
+                   f"the observation lies within 2 combined stderr of it in "
+                   f"{r['within_2se']}/{r['n_with_se']} (≈ 95 % if the stderrs were the whole error)")
     out[0] += (". The recency rule has no magnitude; when every significant cell follows it, the sign alone "
                "does not separate the predictors, and the rank correlation and magnitudes do.")
     return [out[0], ""]

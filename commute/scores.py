@@ -202,26 +202,39 @@ def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict
 PREDICTORS = ("response", "bracket", "alignment", "recency")
 
 
-def score(pairs: Sequence[tuple[float | None, float]], magnitude: bool = True) -> dict[str, Any]:
-    """Scores of (predicted, observed) pairs (the caller keeps only significant observations):
-    ``n``; ``sign_right``; ``spearman`` (rank correlation, needs n ≥ 3 and magnitudes); ``median_ratio``
-    (median observed/predicted); ``max_fold`` (the largest of |obs/pred| and |pred/obs|: how far the worst
-    cell's magnitude is off, whatever its sign). ``magnitude=False`` (a sign-only predictor): counts only."""
+def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str, Any]:
+    """Scores of (predicted, observed[, predicted se, observed se]) tuples (the caller keeps only significant
+    observations): ``n``; ``sign_right``; ``spearman`` (rank correlation, needs n ≥ 3 and magnitudes);
+    ``median_ratio`` (median observed/predicted); ``max_fold`` (the largest of |obs/pred| and |pred/obs|: how
+    far the worst cell's magnitude is off, whatever its sign). Where the stderrs are given, does the predictor
+    tell the truth about its uncertainty: ``n_confident`` / ``sign_right_confident`` (cells whose prediction
+    is itself beyond 2 stderr, and how many of those have the right sign) and ``within_2se`` (cells where
+    |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²), of ``n_with_se``). ``magnitude=False`` (a sign-only
+    predictor): counts only."""
     from scipy.stats import spearmanr
 
-    pairs = [(p, o) for p, o in pairs if p is not None and math.isfinite(p) and math.isfinite(o)]
-    n = len(pairs)
-    out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o in pairs),
+    def fin(x: Any) -> bool:
+        return x is not None and math.isfinite(x)
+
+    rows = [(float(t[0]), float(t[1]), *(t[2:4] if len(t) >= 4 else (None, None)))
+            for t in pairs if fin(t[0]) and fin(t[1])]
+    n = len(rows)
+    out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o, *_ in rows),
                            "spearman": math.nan, "median_ratio": math.nan, "max_fold": math.nan}
-    mags = [(p, o) for p, o in pairs if p != 0]
     if not magnitude:
         return out
-    if n >= 3 and len({p for p, _ in pairs}) > 1:
-        out["spearman"] = float(spearmanr([p for p, _ in pairs], [o for _, o in pairs]).statistic)
+    if n >= 3 and len({p for p, *_ in rows}) > 1:
+        out["spearman"] = float(spearmanr([p for p, *_ in rows], [o for _, o, *_ in rows]).statistic)
+    mags = [(p, o) for p, o, *_ in rows if p != 0]
     if mags:
         r = [o / p for p, o in mags]
         out["median_ratio"] = float(np.median(r))
         out["max_fold"] = float(max(max(abs(x), 1 / abs(x)) if x != 0 else math.inf for x in r))
+    with_se = [(p, o, float(sp), float(so)) for p, o, sp, so in rows if fin(sp) and fin(so)]
+    confident = [(p, o) for p, o, sp, _ in with_se if abs(p) > 2 * sp]
+    out.update(n_with_se=len(with_se), n_confident=len(confident),
+               sign_right_confident=sum(p * o > 0 for p, o in confident),
+               within_2se=sum(abs(o - p) <= 2 * math.hypot(sp, so) for p, o, sp, so in with_se))
     return out
 
 
@@ -252,7 +265,12 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
     order = sorted(groups, key=rank)
     for g in order:
         out["groups"][g] = {
-            p: score([((pd.get("predictions", {}).get(p) or {}).get("mean"), pd["observed"]["mean"])
-                      for pd, _ in groups[g]], magnitude=p != "recency")
+            p: score([_pair(pd, p) for pd, _ in groups[g]], magnitude=p != "recency")
             for p in PREDICTORS}
     return out
+
+
+def _pair(pd: Mapping[str, Any], predictor: str) -> tuple[Any, ...]:
+    """(predicted, observed, predicted se, observed se) of one cell and target for :func:`score`."""
+    e = pd.get("predictions", {}).get(predictor) or {}
+    return e.get("mean"), pd["observed"]["mean"], e.get("stderr"), pd["observed"].get("stderr")

@@ -138,8 +138,18 @@ def test_predictor_scores_against_an_independent_count() -> None:
                 assert got["median_ratio"] == pytest.approx(np.median(obs / pred))
                 r = np.abs(obs / pred)
                 assert got["max_fold"] == pytest.approx(max(r.max(), (1 / r).max()))
+                # does the stderr tell the truth: confident predictions, observations within 2 combined se
+                pse = np.array([pd["predictions"][name]["stderr"] for pd in cells])
+                ose = np.array([pd["observed"]["stderr"] for pd in cells])
+                conf = np.abs(pred) > 2 * pse
+                assert got["n_with_se"] == len(cells) and got["n_confident"] == int(conf.sum())
+                assert got["sign_right_confident"] == int((pred * obs > 0)[conf].sum())
+                assert got["within_2se"] == int((np.abs(obs - pred) <= 2 * np.sqrt(pse**2 + ose**2)).sum())
             else:
-                assert math.isnan(got["median_ratio"])
+                assert math.isnan(got["median_ratio"]) and "within_2se" not in got
+        # the synthetic response is off by up to 3x or in sign with a 20 % stderr: some cells are outside
+        resp = sp["groups"][group]["response"]
+        assert 0 < resp["within_2se"] < resp["n"] and resp["n_confident"] == resp["n"]
 
 
 def test_summary_checkpoint_criterion() -> None:
