@@ -94,13 +94,14 @@ def _frac(c: Mapping[str, Any], k: str, n: str) -> str:
 
 def _replay_md(data: Mapping[str, Any]) -> list[str]:
     """One sentence: how closely each response window's replay reproduced the base run (when measured)."""
-    errs = [r["replay_rel_error"] for a in data.get("arms", []) for r in a.get("responses", [])
+    errs = [float(r["replay_rel_error"]) for a in data.get("arms", []) for r in a.get("responses", [])
             if r.get("replay_rel_error") is not None]
     if not errs:
         return []
+    worst = math.nan if any(not math.isfinite(e) for e in errs) else max(errs)
     return ["", f"The response windows are replays of the base run from its checkpoint at t0: they reproduce "
-            f"the base checkpoint at t0 + 2T to a relative parameter error of at most {max(errs):.1e} "
-            f"({len(errs)} windows)."]
+            f"the base checkpoint at t0 + 2T to a relative parameter error of at most {worst:.1e} "
+            f"({len(errs)} windows; nan: not measurable)."]
 
 
 def _threshold_text(s: Mapping[str, Any]) -> str:
@@ -314,7 +315,9 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
         out[0] += (f". Does the response's stderr tell the truth? Where its prediction is itself beyond 2 "
                    f"stderr its sign is right in {r['sign_right_confident']}/{r['n_confident']} cells, and "
                    f"the observation lies within 2 combined stderr of it in "
-                   f"{r['within_2se']}/{r['n_with_se']} (≈ 95 % if the stderrs were the whole error)")
+                   f"{r['within_2se']}/{r['n_with_se']} (compare the predictors with each other, not with "
+                   f"95 %: both stderrs have few degrees of freedom, R − 1 and G − 1, and keeping only "
+                   f"significant observations pushes them away from zero)")
     out[0] += (". The recency rule has no magnitude; when every significant cell follows it, the sign alone "
                "does not separate the predictors, and the rank correlation and magnitudes do.")
     return [out[0], ""]

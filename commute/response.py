@@ -710,8 +710,9 @@ class Replay:
     losses: list[float]
 
     def rel_error(self, model: nn.Module) -> float:
-        """|theta_replayed - theta_model| / |theta_model| over all parameters (float64; nan if theta_model
-        is 0): compare with the run's checkpoint at the window's end to check that the replay is the run."""
+        """|theta_replayed - theta_model| / |theta_model| over the trained parameters (those the replay
+        carries; float64; nan if they are 0): compare with the run's checkpoint at the window's end to check
+        that the replay is the run."""
         ref = dict(model.named_parameters())
         num = sum(float((x.double() - ref[k].detach().double().to(x.device)).pow(2).sum())
                   for k, x in self.params.items())

@@ -216,7 +216,9 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str,
     def fin(x: Any) -> bool:
         return x is not None and math.isfinite(x)
 
-    rows = [(float(t[0]), float(t[1]), *(t[2:4] if len(t) >= 4 else (None, None)))
+    if any(len(t) not in (2, 4) for t in pairs):
+        raise ValueError("score takes (pred, obs) or (pred, obs, pred se, obs se) tuples.")
+    rows = [(float(t[0]), float(t[1]), *(t[2:4] if len(t) == 4 else (None, None)))
             for t in pairs if fin(t[0]) and fin(t[1])]
     n = len(rows)
     out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o, *_ in rows),
