@@ -148,7 +148,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | Mapping[s
     """Write ``checkpoints/step_XXXXXXXX`` atomically (temp dir + rename), then the ``latest`` pointer.
 
     ``model`` and ``optimizer`` may also be given as their full state dicts (an FSDP run gathers them:
-    commute.fsdp), the model's with tied names holding one tensor object; the files are the same as for the
+    commute.fsdp, or ``model.state_dict()``), tied names sharing one tensor; the files are the same as for the
     modules (:func:`save_model_state`).
     ``state`` (JSON-able) becomes ``state.json`` with ``files`` = {file: ``checksum(file)``} added;
     :func:`read_state` verifies with :func:`sha256_file`, so ``checksum`` is only a seam for tests that
@@ -190,18 +190,33 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | Mapping[s
     return final
 
 
+def _tie_key(t: Tensor) -> tuple[Any, ...]:
+    """What makes two state-dict entries one tensor (tied parameters): the same view of the same memory —
+    storage address, offset, shape, strides, dtype and device, as safetensors finds shared tensors
+    (``model.state_dict()`` gives each tied name its own tensor object over the one storage). Tensors
+    without memory (meta, empty) are told apart by object."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):  # meta tensors
+        ptr = 0
+    if ptr == 0 or t.device.type == "meta":
+        return ("object", id(t))
+    return (str(t.device), ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def save_model_state(state: Mapping[str, Tensor], path: Path) -> None:
     """Write a model's full state dict as ``safetensors.torch.save_model`` writes the model: of the names
-    holding one tensor object (tied parameters) the alphabetically first is stored and the others are named
-    in the metadata (``{dropped: kept}``); every tensor contiguous."""
+    holding one tensor (tied parameters: one object, or one view of one storage as in ``model.state_dict()``)
+    the alphabetically first is stored and the others are named in the metadata (``{dropped: kept}``); every
+    tensor contiguous."""
     from safetensors.torch import save_file
 
-    by_id: dict[int, list[str]] = {}
+    tied: dict[tuple[Any, ...], list[str]] = {}
     for name, t in state.items():
-        by_id.setdefault(id(t), []).append(name)
+        tied.setdefault(_tie_key(t), []).append(name)
     metadata: dict[str, str] | None = None
     out = dict(state)
-    for names in by_id.values():
+    for names in tied.values():
         keep, *drop = sorted(names)
         for name in drop:
             metadata = metadata or {}

@@ -66,3 +66,24 @@ def test_names_are_importable_from_commute_train_as_before() -> None:
     assert T.TrainConfig is TrainConfig
     for name in T.__all__:
         assert hasattr(T, name), name
+
+
+def test_a_state_dict_is_written_as_the_module(tmp_path) -> None:
+    """model.state_dict() gives each tied name its own tensor object over one storage: save_model_state finds
+    the tie by memory, as safetensors' save_model does, and writes the module's bytes."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=32, **OVERRIDES)
+    sd = model.state_dict()
+    assert sd["lm_head.weight"] is not sd["transformer.wte.weight"]  # what made the id() grouping fail
+    save_model(model, str(tmp_path / "module.safetensors"))
+    C.save_model_state(sd, tmp_path / "state.safetensors")
+    assert (tmp_path / "state.safetensors").read_bytes() == (tmp_path / "module.safetensors").read_bytes()
+    # equal values in separate memory are not tied: both names are stored
+    cloned = {k: v.clone() for k, v in sd.items()}
+    C.save_model_state(cloned, tmp_path / "cloned.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cloned.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(sd) and not f.metadata()
