@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from commute.distributed import SINGLE, World, current, device_for, env_world, on_main, setup
+from commute.distributed import SINGLE, World, check_device, current, device_for, env_world, on_main, setup
 from commute.errors import CommuteError
 from commute.estimate import DEFAULT_MIX_NAME, BracketReport, Estimate, TournamentReport
 from commute.io import atomic_write, write_json
@@ -223,11 +223,7 @@ def _join(distributed: bool, device: str) -> World:
     if not distributed:
         return SINGLE
     world = current() if current().enabled else env_world()
-    if world.enabled and device.startswith("mps"):
-        raise CommuteError("estimating on several processes needs cpu or cuda devices, not mps.")
-    if world.enabled and device.startswith("cuda:"):
-        raise CommuteError(f"device {device!r} names one GPU, but under torchrun every process uses the GPU "
-                           "of its LOCAL_RANK; use --device cuda (or auto).")
+    check_device(world, device, "estimating")
     return setup(device)
 
 
@@ -587,7 +583,7 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     t0 = time.perf_counter()
     rp = est.replay(batches(), e - s, start=s, progress=progress and world.main)
     replay = {"rel_error": rp.rel_error(end.model), "seconds": time.perf_counter() - t0,
-              "of": f"|theta_replayed - theta(step {e})| / |theta(step {e})| over all parameters"}
+              "of": f"|theta_replayed - theta(step {e})| / |theta(step {e})| over the trained parameters"}
     rep = est.estimate(batches(), sched, targets=list(names), steps=e - s, start=s, n_groups=groups,
                        batches_per_step=1, target_batches=target_batches, progress=progress,
                        distributed=world.enabled)

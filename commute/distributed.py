@@ -25,6 +25,15 @@ What is split across the W ranks and how (commute.train, commute.estimate, commu
   every rank); rank 0 alone prints, shows progress and writes files (:func:`on_main`: a failure there is
   raised on every rank, and the others wait for it to finish).
 
+Waiting: a collective waits for every rank, and ranks wait long by design — at :meth:`GroupSplit.settle` for
+the others' groups (G groups dealt round-robin over W ranks: when ``G mod W`` ≠ 0 the ranks holding one group
+fewer wait idle for the others' last group, so choose G a multiple of W; a rank that failed early waits for
+all of them), and at a checkpoint's barrier for rank 0's write. A response-estimator group on a GPU can take
+more than the 10 minutes that NCCL waits by default before it kills the run, so :func:`setup` gives the
+process group an explicit timeout: ``COMMUTE_DIST_TIMEOUT_S`` seconds (a positive number; default
+:data:`DEFAULT_TIMEOUT_S`, 3 hours). A rank that has died is still noticed at once (torchrun ends the others);
+the timeout only bounds a live rank that hangs.
+
 docs/design.md §2: DDP does not support double backward and its hooks do not fire on ``autograd.grad``, so
 curvature code always runs on the unwrapped module and reduces its results explicitly.
 """
@@ -33,10 +42,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,9 +56,13 @@ import torch
 from commute.errors import CommuteError
 
 __all__ = ["World", "SINGLE", "env_world", "current", "setup", "shutdown", "shard_rows", "shard_batch",
-           "estimate_world", "GroupSplit", "on_main"]
+           "estimate_world", "GroupSplit", "on_main", "timeout", "check_device", "DEFAULT_TIMEOUT_S"]
 
 _ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+TIMEOUT_ENV = "COMMUTE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 3 * 3600.0
+"""How long a collective waits for the other ranks unless ``COMMUTE_DIST_TIMEOUT_S`` says otherwise (3 hours:
+longer than any one estimator group or checkpoint write should take)."""
 _T = TypeVar("_T")
 
 
@@ -159,6 +174,36 @@ def current() -> World:
                  local_rank=dist.get_rank() if local is None else local)
 
 
+def timeout() -> timedelta:
+    """How long a collective of the process group waits for the other ranks: ``COMMUTE_DIST_TIMEOUT_S``
+    seconds, else :data:`DEFAULT_TIMEOUT_S` (see the module docstring)."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        secs = float(raw)
+    except ValueError:
+        secs = float("nan")
+    if not (math.isfinite(secs) and 0 < secs <= 1e9):
+        raise CommuteError(f"environment variable {TIMEOUT_ENV}={raw!r} must be a positive number of seconds "
+                           "(how long a process waits for the others; unset: "
+                           f"{DEFAULT_TIMEOUT_S:g}).")
+    return timedelta(seconds=secs)
+
+
+def check_device(world: World, device: str, what: str) -> None:
+    """The refusals of a ``device`` (a config's or ``--device``: auto, cpu, cuda, ...) on several processes,
+    one sentence each, before any rank waits for the others: ``what`` (e.g. "training") needs cpu or cuda,
+    and a numbered ``cuda:N`` would put every rank on one GPU. Nothing on one process."""
+    if not world.enabled:
+        return
+    if device.startswith("mps"):
+        raise CommuteError(f"{what} on several processes needs cpu or cuda devices, not mps.")
+    if device.startswith("cuda:"):
+        raise CommuteError(f"device {device!r} names one GPU, but under torchrun every process uses the GPU "
+                           "of its LOCAL_RANK; use the device cuda (or auto).")
+
+
 def _wants_cuda(device: str) -> bool:
     if device == "auto":
         return torch.cuda.is_available()
@@ -168,7 +213,8 @@ def _wants_cuda(device: str) -> bool:
 def setup(device: str = "auto") -> World:
     """Join the run's process group: initialise it from the torchrun environment if it is not yet (``nccl``
     when ``device`` (a config's: auto, cpu, cuda, ...) means CUDA, each rank then on ``cuda:LOCAL_RANK``;
-    ``gloo`` otherwise). Returns :func:`current` (:data:`SINGLE` outside torchrun: nothing is done)."""
+    ``gloo`` otherwise), its collectives waiting up to :func:`timeout` for the other ranks. Returns
+    :func:`current` (:data:`SINGLE` outside torchrun: nothing is done)."""
     global _INITIALISED_HERE
     import torch.distributed as dist
 
@@ -180,6 +226,7 @@ def setup(device: str = "auto") -> World:
     if not dist.is_available():
         raise CommuteError("WORLD_SIZE > 1 asks for several processes, but this torch build has no "
                            "torch.distributed.")
+    wait = timeout()
     if _wants_cuda(device):
         if not torch.cuda.is_available():
             raise CommuteError(f"device {device!r} was requested but CUDA is not available on this machine.")
@@ -188,9 +235,9 @@ def setup(device: str = "auto") -> World:
                                f"{torch.cuda.device_count()} GPU(s); start at most that many processes per "
                                "node (torchrun --nproc_per_node).")
         torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", world.local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", world.local_rank), timeout=wait)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=wait)
     _INITIALISED_HERE = True
     atexit.register(shutdown)
     return current()

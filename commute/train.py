@@ -57,7 +57,7 @@ from commute.checkpoint import (
     stored_schedule_path,
 )
 from commute.checkpoint import sha256_file as _sha256
-from commute.distributed import SINGLE, World, device_for, shard_batch
+from commute.distributed import SINGLE, World, check_device, device_for, shard_batch
 from commute.distributed import setup as setup_distributed
 from commute.distributed import shard_rows as shard_rows_check
 from commute.errors import CommuteError, NonFiniteLossError, note_interrupt
@@ -711,12 +711,7 @@ def _join_world(cfg: TrainConfig, batch_source: Any) -> World:
     if world.enabled:
         if batch_source is None:
             shard_rows_check(cfg.batch_size, world)
-        dev = cfg.device
-        if dev.startswith("mps"):
-            raise CommuteError("training on several processes needs cpu or cuda devices, not mps.")
-        if dev.startswith("cuda:"):
-            raise CommuteError(f"device {dev!r} names one GPU, but under torchrun every process uses the GPU "
-                               "of its LOCAL_RANK; set device to cuda (or auto).")
+        check_device(world, cfg.device, "training")
         if cfg.parallel == "fsdp" and not fsdp.available():
             raise CommuteError("parallel: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2), which torch "
                                f"{torch.__version__} lacks; use parallel: ddp or a newer torch.")

@@ -328,3 +328,55 @@ def test_torchrun_misconfigurations_are_one_sentence_before_waiting(tmp_path, mo
         train(TrainConfig(**_config(tmp_path, **changes)), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     assert not torch.distributed.is_initialized()
+
+
+def test_process_group_timeout_comes_from_the_environment(monkeypatch) -> None:
+    """setup gives init_process_group an explicit timeout (NCCL's default 10 minutes would kill a run whose
+    ranks wait at GroupSplit.settle for a long response group): COMMUTE_DIST_TIMEOUT_S, else 3 hours; a bad
+    value is one sentence before any process group exists."""
+    from datetime import timedelta
+
+    import commute.distributed as D
+
+    monkeypatch.delenv("COMMUTE_DIST_TIMEOUT_S", raising=False)
+    assert D.timeout() == timedelta(hours=3)
+    monkeypatch.setenv("COMMUTE_DIST_TIMEOUT_S", "90.5")
+    assert D.timeout() == timedelta(seconds=90.5)
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(D, "_INITIALISED_HERE", False)
+    monkeypatch.setattr(D.atexit, "register", lambda f: f)
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(k, v)
+    D.setup("cpu")
+    assert calls == [(("gloo",), {"timeout": timedelta(seconds=90.5)})]
+    for bad in ("0", "-5", "ten", "inf", "nan"):
+        monkeypatch.setenv("COMMUTE_DIST_TIMEOUT_S", bad)
+        want = rf"^environment variable COMMUTE_DIST_TIMEOUT_S='{bad}' must be a positive number of seconds "
+        with pytest.raises(CommuteError, match=want + r".*\)\.$"):
+            D.setup("cpu")
+    assert len(calls) == 1
+
+
+def test_device_refusals_are_one_helper_for_train_and_the_estimators(tmp_path, monkeypatch) -> None:
+    from commute.audit import _join
+    from commute.distributed import check_device
+
+    two = World(rank=0, world_size=2)
+    check_device(SINGLE, "mps", "training")  # one process: any device
+    check_device(two, "cuda", "training")
+    with pytest.raises(CommuteError, match=r"^training on several processes needs cpu or cuda devices, not "
+                                           r"mps\.$"):
+        check_device(two, "mps", "training")
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
+    want = (r"^device 'cuda:1' names one GPU, but under torchrun every process uses the GPU of its "
+            r"LOCAL_RANK; use the device cuda \(or auto\)\.$")
+    with pytest.raises(CommuteError, match=want):
+        _join(True, "cuda:1")
+    with pytest.raises(CommuteError, match=r"^estimating on several processes needs cpu or cuda devices"):
+        _join(True, "mps")
+    with pytest.raises(CommuteError, match=r"^training on several processes needs cpu or cuda devices"):
+        train(TrainConfig(**_config(tmp_path, device="mps")), tmp_path / "run", progress=False)
+    assert not torch.distributed.is_initialized()
