@@ -46,6 +46,8 @@ __all__ = [
     "read_state",
     "load_checkpoint",
     "load_weights",
+    "read_weights",
+    "unloadable",
     "load_optimizer_state",
     "model_arch",
     "check_arch",
@@ -410,14 +412,36 @@ def _resolve_stored_schedules(state: dict[str, Any], path: Path) -> None:
         state["parent"]["schedule"] = resolve(state["parent"].get("schedule"))
 
 
-def check_finite(path: Path, model: torch.nn.Module) -> None:
-    """Refuse to continue from checkpoint ``path`` if its weights (loaded into ``model``) are not finite."""
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+def check_finite(path: Path, weights: torch.nn.Module | Mapping[str, Tensor]) -> None:
+    """Refuse to continue from checkpoint ``path`` if its weights are not finite: the parameters of a model
+    they were loaded into, or a full state dict (:func:`read_weights`; a tied tensor counted once)."""
+    if isinstance(weights, torch.nn.Module):
+        named = list(weights.named_parameters())
+    else:
+        seen: set[tuple[Any, ...]] = set()
+        named = []
+        for n, t in weights.items():
+            if _tie_key(t) not in seen:
+                seen.add(_tie_key(t))
+                named.append((n, t))
+    bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise CommuteError(f"checkpoint {str(path)!r} holds weights that are not finite ({bad[0]}{more}); "
                            "continue from an earlier checkpoint of the run with a lower learning rate "
                            "(--branch-from).")
+
+
+def unloadable(path: Path, exc: BaseException) -> CommuteError:
+    """The sentence for weights of checkpoint ``path`` that cannot be loaded (``exc``'s first line)."""
+    return CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
+                        f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}).")
+
+
+def _check_fit(path: Path, missing: int, unexpected: int) -> None:
+    if missing or unexpected:
+        raise CommuteError(f"checkpoint {str(path)!r} does not fit this model (missing "
+                           f"{missing}, unexpected {unexpected} tensors).")
 
 
 def load_weights(path: Path, model: torch.nn.Module, device: torch.device | str) -> None:
@@ -428,11 +452,28 @@ def load_weights(path: Path, model: torch.nn.Module, device: torch.device | str)
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
                                          device=str(device))
     except Exception as exc:  # header/shape errors from safetensors
-        raise CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
-                           f"({str(exc).splitlines()[0][:200]}).") from None
-    if missing or unexpected:
-        raise CommuteError(f"checkpoint {str(path)!r} does not fit this model (missing "
-                           f"{len(missing)}, unexpected {len(unexpected)} tensors).")
+        raise unloadable(path, exc) from None
+    _check_fit(path, len(missing), len(unexpected))
+
+
+def read_weights(path: Path, model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model.safetensors`` of checkpoint ``path`` as a full state dict on the CPU (e.g. to load into a
+    sharded model), the names of ``model``'s tied parameters filled in (each group sharing one tensor:
+    :func:`commute.fsdp.tie`), in ``model.state_dict()``'s order; refused as :func:`load_weights` refuses it
+    unless its names are ``model``'s."""
+    from safetensors.torch import load_file
+
+    from commute import fsdp
+
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as exc:
+        raise unloadable(path, exc) from None
+    state = fsdp.tie(state, fsdp.tied_groups(model))
+    names = list(model.state_dict())
+    want, have = set(names), set(state)
+    _check_fit(path, len(want - have), len(have - want))
+    return {n: state[n] for n in names}  # check_finite then names the tensor it names for the model
 
 
 def load_optimizer_state(path: Path, device: torch.device | str) -> dict[str, Any]:

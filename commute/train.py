@@ -50,11 +50,13 @@ from commute.checkpoint import (
     model_arch,
     prune_checkpoints,
     read_state,
+    read_weights,
     remove_partial_checkpoints,
     restore_rng_state,
     save_checkpoint,
     store_schedule,
     stored_schedule_path,
+    unloadable,
 )
 from commute.checkpoint import sha256_file as _sha256
 from commute.distributed import SINGLE, World, check_device, device_for, shard_batch
@@ -323,29 +325,13 @@ def _evaluate_rows(model: torch.nn.Module, val_batches: Mapping[str, Sequence[An
 
 def _load_sharded_weights(path: Path, model: torch.nn.Module) -> None:
     """:func:`load_weights` and :func:`check_finite` for an FSDP-sharded model: every rank reads the full
-    ``model.safetensors`` on the CPU and keeps its shards."""
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except Exception as exc:
-        raise CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
-                           f"({str(exc).splitlines()[0][:200]}).") from None
-    state = fsdp.tie(state, fsdp.tied_groups(model))
-    want = set(model.state_dict())
-    if set(state) != want:
-        raise CommuteError(f"checkpoint {str(path)!r} does not fit this model (missing "
-                           f"{len(want - set(state))}, unexpected {len(set(state) - want)} tensors).")
-    bad = [n for n, t in state.items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CommuteError(f"checkpoint {str(path)!r} holds weights that are not finite ({bad[0]}); "
-                           "continue from an earlier checkpoint of the run with a lower learning rate "
-                           "(--branch-from).")
+    ``model.safetensors`` on the CPU (:func:`read_weights`) and keeps its shards."""
+    state = read_weights(path, model)
+    check_finite(path, state)
     try:
         fsdp.load_model_state(model, state)
     except Exception as exc:
-        raise CommuteError(f"cannot load the weights of checkpoint {str(path)!r} into this model "
-                           f"({str(exc).splitlines()[0][:200]}).") from None
+        raise unloadable(path, exc) from None
 
 
 def diverged(what: str, lr: float, last_checkpoint: Path | None) -> NonFiniteLossError:

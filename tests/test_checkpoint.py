@@ -87,3 +87,44 @@ def test_a_state_dict_is_written_as_the_module(tmp_path) -> None:
 
     with safe_open(str(tmp_path / "cloned.safetensors"), "pt") as f:
         assert set(f.keys()) == set(sd) and not f.metadata()
+
+
+def test_the_sharded_restore_refuses_with_the_messages_of_the_module_restore(tmp_path) -> None:
+    """train._load_sharded_weights (FSDP: every rank reads the full file) reuses read_weights and
+    check_finite: a non-finite checkpoint, a damaged file and another model give load_weights/check_finite's
+    sentences (the count of further non-finite tensors included). A plain model takes the same path."""
+    model, _, (path,) = saved_run(tmp_path)
+
+    def refusal(load) -> str:
+        fresh = build_model("tiny", vocab_size=32, **OVERRIDES)
+        with pytest.raises(CommuteError) as info:
+            load(fresh)
+        return str(info.value)
+
+    def module(m) -> None:
+        C.load_weights(path, m, "cpu")
+        C.check_finite(path, m)
+
+    def sharded(m) -> None:
+        T._load_sharded_weights(path, m)
+
+    T._load_sharded_weights(path, fresh := build_model("tiny", vocab_size=32, **OVERRIDES))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(),
+                                                  strict=True))
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = float("nan")  # tied: counted once
+        model.transformer.h[0].ln_1.bias[1] = float("inf")
+        model.transformer.ln_f.weight[2] = float("nan")
+    from safetensors.torch import save_model
+
+    save_model(model, str(path / "model.safetensors"))
+    msg = refusal(sharded)
+    assert msg == refusal(module) and " and 2 more); continue from an earlier checkpoint" in msg
+    other = build_model("tiny", vocab_size=32, **{**OVERRIDES, "n_layer": 2})
+    for load in (lambda m: C.load_weights(path, m, "cpu"), lambda m: T._load_sharded_weights(path, m)):
+        with pytest.raises(CommuteError, match=r"does not fit this model \(missing 12, unexpected 0 tensors"):
+            load(other)
+    (path / "model.safetensors").write_bytes(b"\x00garbage")
+    assert refusal(sharded) == refusal(module)
+    assert refusal(module).startswith(f"cannot load the weights of checkpoint {str(path)!r} into this model")
