@@ -13,8 +13,9 @@ What is split across the W ranks and how (commute.train, commute.estimate, commu
   deterministic in its state) and trains on its contiguous slice of B/W rows (:func:`shard_rows`); DDP
   averages the gradients, so the step descends the global batch mean. Loss sums, domain counts and tokens
   are summed over ranks (:meth:`World.all_sum`), so metrics equal the one-process run's.
-* checkpoints: written by rank 0 only, followed by a barrier; they hold the unwrapped model, the optimiser
-  and the global sampler state, so a run resumes with any world size.
+* checkpoints: written by rank 0 only, inside :func:`on_main` (the others wait for the write, and a failure
+  there ends every rank with one sentence); they hold the unwrapped model, the optimiser and the global
+  sampler state, so a run resumes with any world size.
 * the bracket estimator and the response estimator (:class:`GroupSplit`): group g is computed by rank
   g mod W on its unwrapped model, and the per-group samples are summed over ranks (each rank contributes
   zeros for the groups it skipped: exact). The response estimator's replay of the window (the trajectory
@@ -28,8 +29,8 @@ What is split across the W ranks and how (commute.train, commute.estimate, commu
 Waiting: a collective waits for every rank, and ranks wait long by design — at :meth:`GroupSplit.settle` for
 the others' groups (G groups dealt round-robin over W ranks: when ``G mod W`` ≠ 0 the ranks holding one group
 fewer wait idle for the others' last group, so choose G a multiple of W; a rank that failed early waits for
-all of them), and at a checkpoint's barrier for rank 0's write. A response-estimator group on a GPU can take
-more than the 10 minutes that NCCL waits by default before it kills the run, so :func:`setup` gives the
+all of them), and at a checkpoint for rank 0's write. A response-estimator group on a GPU can take more
+than the 10 minutes that NCCL waits by default before it kills the run, so :func:`setup` gives the
 process group an explicit timeout: ``COMMUTE_DIST_TIMEOUT_S`` seconds (a positive number; default
 :data:`DEFAULT_TIMEOUT_S`, 3 hours). A rank that has died is still noticed at once (torchrun ends the others);
 the timeout only bounds a live rank that hangs.

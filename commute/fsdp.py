@@ -9,7 +9,8 @@ rounding.
 
 Checkpoints keep the one format (commute.checkpoint): every rank takes part in gathering the *full* model
 and optimiser state dicts (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True,
-cpu_offload=True``: they arrive on rank 0, on the CPU), and rank 0 writes them as a one-process run would —
+cpu_offload=True``: they arrive on rank 0, on the CPU), and rank 0 writes them as a one-process run would
+(inside :func:`commute.distributed.on_main`: a failure there ends every rank with one sentence) —
 ``model.safetensors`` with the tied embedding stored once, ``optimizer.pt`` numbered like
 ``optimizer.state_dict()`` of the unwrapped model (:func:`commute.train.param_group_names`). Restoring reads
 those full files on every rank and keeps each rank's shard, so a checkpoint moves freely between one process,
@@ -33,7 +34,8 @@ from commute.distributed import World
 from commute.errors import CommuteError
 
 __all__ = ["available", "shard_model", "is_sharded", "reshard", "tied_groups", "tie", "local_nonfinite",
-           "full_model_state", "full_optimizer_state", "load_model_state", "load_optimizer_state"]
+           "full_model_state", "gather_optimizer_state", "number_optimizer_state", "full_optimizer_state",
+           "load_model_state", "load_optimizer_state"]
 
 
 def available() -> bool:
@@ -131,18 +133,25 @@ def full_model_state(model: torch.nn.Module) -> dict[str, Tensor] | None:
     return tie(dict(state), tied_groups(model))
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         group_names: Sequence[Sequence[str]]) -> dict[str, Any] | None:
-    """The full optimiser state dict of a sharded model on rank 0 (None elsewhere), numbered like
-    ``optimizer.state_dict()`` of the unwrapped model: parameter ``i`` is the ``i``-th name of
-    ``group_names`` (the optimiser's groups by parameter name, in order). A collective: every rank must call
-    it."""
+def gather_optimizer_state(model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The full optimiser state dict of a sharded model keyed by parameter name, on the CPU, on rank 0 (None
+    elsewhere): what :func:`number_optimizer_state` numbers. A collective: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     reshard(model)
     by_name = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
     if not by_name or "param_groups" not in by_name:
         return None
+    return dict(by_name)
+
+
+def number_optimizer_state(by_name: Mapping[str, Any],
+                           group_names: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """A full optimiser state dict keyed by parameter name (:func:`gather_optimizer_state`) numbered like
+    ``optimizer.state_dict()`` of the unwrapped model: parameter ``i`` is the ``i``-th name of
+    ``group_names`` (the optimiser's groups by parameter name, in order). No collective (rank 0 calls it
+    where a failure must reach the other ranks: commute.distributed.on_main)."""
     flat = [n for names in group_names for n in names]
     index = {n: i for i, n in enumerate(flat)}
     groups, start = [], 0
@@ -156,6 +165,15 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         start += len(names)
     state = {index[n]: dict(s) for n, s in by_name["state"].items()}
     return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         group_names: Sequence[Sequence[str]]) -> dict[str, Any] | None:
+    """The full optimiser state dict of a sharded model on rank 0 (None elsewhere), numbered like
+    ``optimizer.state_dict()`` of the unwrapped model (:func:`gather_optimizer_state`, then
+    :func:`number_optimizer_state` on rank 0). A collective: every rank must call it."""
+    by_name = gather_optimizer_state(model, optimizer)
+    return None if by_name is None else number_optimizer_state(by_name, group_names)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Tensor]) -> None:

@@ -59,7 +59,7 @@ from commute.checkpoint import (
     unloadable,
 )
 from commute.checkpoint import sha256_file as _sha256
-from commute.distributed import SINGLE, World, check_device, device_for, shard_batch
+from commute.distributed import SINGLE, World, check_device, device_for, on_main, shard_batch
 from commute.distributed import setup as setup_distributed
 from commute.distributed import shard_rows as shard_rows_check
 from commute.errors import CommuteError, NonFiniteLossError, note_interrupt
@@ -419,7 +419,10 @@ def train_step(
     gradients over ranks is the gradient of the global L_m above (for ``"domain"`` the per-domain row
     counts of the global micro-batch are summed over ranks first), gradients are synchronised once per step
     (``no_sync`` on all micro-batches but the last), and the returned loss, domain sums and token counts are
-    those of the global batch (summed over ranks), identical on every rank.
+    those of the global batch (summed over ranks), identical on every rank. A model sharded by
+    :mod:`commute.fsdp` reduce-scatters its gradients after every micro-batch: FSDP2's counterpart of
+    ``no_sync`` (``set_requires_gradient_sync(False)``) would keep every parameter's full, unsharded gradient
+    on every rank until the last micro-batch, giving up the 1/W gradient memory FSDP is used for.
     """
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -892,14 +895,21 @@ class _Run:
         optimizer: Any = self.optimizer
         if self.fsdp:  # every rank takes part in gathering the full state dicts; rank 0 receives them
             model = fsdp.full_model_state(self.model)
-            optimizer = fsdp.full_optimizer_state(self.model, self.optimizer, param_group_names(self.model))
-        if self.world.main:
+            optimizer = fsdp.gather_optimizer_state(self.model, self.optimizer)
+
+        def write() -> Path:
+            opt = (fsdp.number_optimizer_state(optimizer, param_group_names(self.model)) if self.fsdp
+                   else optimizer)
             # _sha256 is read from this module at call time: tests replace it to simulate a crash mid-write
-            p = save_checkpoint(self.out_dir, at, model, optimizer, self.state_dict(at), checksum=_sha256)
+            p = save_checkpoint(self.out_dir, at, model, opt, self.state_dict(at), checksum=_sha256)
             prune_checkpoints(self.out_dir, self.cfg.keep_last, self.ckpt_steps, current=p)
-        else:  # rank 0 writes it (every rank holds the same weights, optimiser and sampler state)
+            return p
+
+        # rank 0 writes it (every rank holds the same weights, optimiser and sampler state); the others wait
+        # for it there, and every rank raises if it failed (rank 0 its error, the others one sentence)
+        p = on_main(self.world, f"training (writing the checkpoint of step {at})", write)
+        if p is None:
             p = self.out_dir / "checkpoints" / f"step_{at:08d}"
-        self.world.barrier()  # no rank goes on (or returns) before the checkpoint is complete
         self.last_ck = p
         return p
 
@@ -1061,12 +1071,17 @@ def train(
     B/N rows (``batch_size`` must be a multiple of N), validation batches are dealt round-robin, and the
     losses, domain sums and token counts are summed over ranks. So the trajectory, ``metrics.csv`` and the
     checkpoints are those of the one-process run with the same config, to float rounding. Rank 0 alone
-    writes files; each checkpoint is followed by a barrier, and holds the unwrapped model and the global
-    sampler state, so it resumes (or branches) with any number of processes. Every rank returns the same
-    :class:`TrainResult`. With ``parallel: fsdp`` the model is sharded with FSDP2 instead of replicated
-    (:mod:`commute.fsdp`): the same batches, metrics and checkpoint files (gathered to rank 0), each rank
-    holding 1/N of the weights, gradients and optimiser state; validation batches are then split by rows,
-    and callbacks see the sharded model.
+    writes files; the other ranks wait for each checkpoint to be written (and end with one sentence if the
+    write fails on rank 0), and it holds the unwrapped model and the global sampler state, so it resumes (or
+    branches) with any number of processes. Every rank returns the same :class:`TrainResult`. With
+    ``parallel: fsdp`` the model is sharded with FSDP2 instead of replicated (:mod:`commute.fsdp`): the same
+    batches, metrics and checkpoint files (gathered to rank 0), each rank holding 1/N of the weights,
+    gradients and optimiser state; validation batches are then split by rows. Callbacks then receive the
+    sharded model (``StepInfo.model``: its parameters are this rank's DTensor shards): its forward gathers
+    each block's weights from every rank, a collective, so a callback that runs it must run it on every rank
+    with the same number of calls (a forward on rank 0 only hangs), then call
+    :func:`commute.fsdp.reshard`; :func:`commute.fsdp.full_model_state` (called on every rank) gives the full
+    weights on rank 0.
 
     Raises :class:`CommuteError` (one sentence) for bad input, :class:`NonFiniteLossError` if the loss
     becomes NaN/inf (the last good checkpoint is left intact).

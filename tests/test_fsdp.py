@@ -5,10 +5,11 @@ Truth is the plain single-process run of the same config (float64; ``parallel`` 
 process). One torchrun launch of 2 gloo ranks on loopback runs ``commute train`` with ``parallel: fsdp``
 (every block and the root sharded, gradient clipping on the global norm active at every step): a fresh run
 stopped at step 4, a 1-rank checkpoint resumed on 2 ranks, and a Python-API run whose validation batches
-have fewer rows than ranks. The test process compares with its own 1-rank runs and resumes the 2-rank
-checkpoint on 1 rank. Measured: parameters and Adam moments agree to ~1e-15 (max abs difference), metrics to
-~1e-16 relative. Without processes: the checkpoint writer's state-dict path gives the module path's bytes,
-and the config field keeps existing trajectory hashes.
+have fewer rows than ranks, then a run whose checkpoint write fails on rank 0 only. The test process compares
+with its own 1-rank runs and resumes the 2-rank checkpoint on 1 rank. Measured: parameters and Adam moments
+agree to ~1e-15 (max abs difference), metrics to ~1e-16 relative. Without processes: the checkpoint writer
+given the state dicts commute.fsdp gathers writes the module path's files, and the config field keeps
+existing trajectory hashes.
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ WORKER = textwrap.dedent("""
     if torch.distributed.get_rank() == 0:
         out = {"losses": res.losses, "val": res.val_losses, "held": held}
         (root / "rows.json").write_text(json.dumps(out))
+    # 4. the write of the step-2 checkpoint fails on rank 0 only (a full disk, after the gather): every rank
+    # must end with one sentence, none wait for the others
+    import contextlib, io, os
+    import commute.train as T
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device (simulated)", str(path))
+
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        T._sha256 = full_disk
+    err = io.StringIO()
+    try:  # what escapes main (e.g. gloo's error when rank 0 has left) fails this case only
+        with contextlib.redirect_stderr(err):
+            code = main(["train", str(root / "cfg.yaml"), "--out", str(root / "full"), "--max-steps", "2",
+                         *fsdp])
+    except Exception as exc:
+        code = repr(exc)
+    (root / f"full_rank{rank}.json").write_text(json.dumps({"code": code, "err": err.getvalue()}))
 """)
 
 
@@ -204,6 +224,24 @@ def test_fsdp_validation_with_fewer_rows_than_ranks(launched, tmp_path) -> None:
         assert total / WORLD <= local < total / WORLD + 1000
 
 
+def test_a_checkpoint_write_failing_on_rank_0_ends_every_rank_with_one_sentence(launched) -> None:
+    """The write runs inside distributed.on_main: rank 0 says its error, rank 1 one sentence pointing to it
+    (before, rank 1 waited in a barrier that rank 0 never reached)."""
+    from commute.checkpoint import list_checkpoints
+
+    root, _ = launched
+    r0, r1 = (json.loads((root / f"full_rank{r}.json").read_text()) for r in range(WORLD))
+    assert (r0["code"], r1["code"]) == (1, 2)  # an OSError; a CommuteError
+    last = r0["err"].rstrip().splitlines()[-1]
+    assert last.startswith("error: No space left on device (simulated)") and last.endswith("files already "
+                                                                                          "written are kept.")
+    assert " ".join(r1["err"].split()) == ("error: the distributed training (writing the checkpoint of step "
+                                           "2) failed on another process (its message is in that process's "
+                                           "output).")
+    assert "Traceback" not in r0["err"] + r1["err"]
+    assert list_checkpoints(root / "full") == []  # the partial write was removed
+
+
 # --------------------------------------------------------------------------------------------------
 # without processes
 # --------------------------------------------------------------------------------------------------
@@ -220,23 +258,42 @@ def test_one_process_ignores_parallel(tmp_path) -> None:
 
 
 def test_state_dict_checkpoint_is_the_module_checkpoint(tmp_path) -> None:
-    """save_checkpoint given full state dicts (what FSDP gathers) writes the files of the modules."""
+    """save_checkpoint given the full state dicts FSDP gathers writes the files of the modules: the state
+    dicts are built by commute.fsdp's own gathering and numbering (full_model_state, full_optimizer_state:
+    they also run on an unsharded module), so a wrong numbering of the optimiser's parameters fails here."""
     from commute import fsdp
     from commute.checkpoint import save_checkpoint
     from commute.model import build_model
+    from commute.train import _build_optimizer, param_group_names
 
     torch.manual_seed(0)
     model = build_model("tiny", vocab_size=64, n_layer=1, n_embd=16, n_head=2, n_positions=16)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = _build_optimizer(model, TrainConfig(optimizer="adam"))  # two groups: numbered across both
     model(input_ids=torch.randint(0, 64, (2, 8))).logits.sum().backward()
     opt.step()
     assert fsdp.tied_groups(model) == [["lm_head.weight", "transformer.wte.weight"]]
     state = {"step": 1, "config": {"seed": 0}}
     a = save_checkpoint(tmp_path / "a", 1, model, opt, state)
-    sd = fsdp.tie({k: v.clone() for k, v in model.state_dict().items()}, fsdp.tied_groups(model))
-    b = save_checkpoint(tmp_path / "b", 1, sd, opt.state_dict(), state)
-    for f in ("model.safetensors", "optimizer.pt"):
-        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    names = param_group_names(model)
+    by_name = fsdp.gather_optimizer_state(model, opt)
+    assert by_name is not None and set(by_name["state"]) == {n for g in names for n in g}
+    b = save_checkpoint(tmp_path / "b", 1, fsdp.full_model_state(model),
+                        fsdp.full_optimizer_state(model, opt, names), state)
+    c = save_checkpoint(tmp_path / "c", 1, model.state_dict(), fsdp.number_optimizer_state(by_name, names),
+                        state)
+    ref = torch.load(a / "optimizer.pt", weights_only=True)
+    for ck in (b, c):
+        assert (ck / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
+        # equal content (torch.save's bytes differ: the module's groups share one betas tuple object)
+        got = torch.load(ck / "optimizer.pt", weights_only=True)
+        assert got["param_groups"] == ref["param_groups"] and list(got["state"]) == list(ref["state"])
+        for i, s in ref["state"].items():
+            assert list(got["state"][i]) == list(s), i
+            for k, v in s.items():
+                w = got["state"][i][k]
+                assert (w.dtype, w.shape) == (v.dtype, v.shape) and torch.equal(w, v), (i, k)
+    with pytest.raises(CommuteError, match="differ from the model's"):
+        fsdp.number_optimizer_state(by_name, [names[1], names[0]])
 
 
 def test_parallel_field_is_checked_and_keeps_trajectory_hashes() -> None:
