@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -496,10 +497,17 @@ def _unit_delta(cfg: StudyConfig) -> dict[str, list[float]]:
 
 def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any]:
     """:class:`commute.response.ResponseEstimator` over the base window [t0, t0 + 2T) replayed from the
-    checkpoint at t0 with the run's own batches; per target domain, the predicted antisymmetric excess
-    (EL^12 − EL^21)/2 per unit Δw, Σ_t δw(t)·G(t) (docs/design.md §1b), and the first-order alignment
-    baseline's (G without curvature) from the same samples."""
+    checkpoint at t0; per target domain, the predicted antisymmetric excess (EL^12 − EL^21)/2 per unit Δw,
+    Σ_t δw(t)·G(t) (docs/design.md §1b), and the first-order alignment baseline's (G without curvature).
+
+    With ``response.trajectories`` R > 1 the window is replayed under the replicates' sampler seeds
+    (trajectory r is the base continuation of replicate r's θ12/θ21 pair; r = 0 the run's own batches), one
+    estimate per trajectory with its own fresh batches, and the prediction is the mean over trajectories
+    with stderr std/√R: G along one trajectory varies from trajectory to trajectory far more than its
+    stderr over groups says (that stderr is conditional on the trajectory). R = 1: one trajectory, the
+    stderr over its groups. Trajectory 0's replay is checked against the base checkpoint at t0 + 2T."""
     from commute.data import MixtureSampler
+    from commute.estimate import Estimate
     from commute.model import lm_loss
     from commute.response import ResponseEstimator
     from commute.train import load_checkpoint, lr_at, param_group_names
@@ -507,30 +515,49 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
     cfg, rc, tc = arm.cfg, arm.cfg.response, arm.tc
     names = cfg.domain_names
     n = 2 * cfg.T
-    ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
     base = dict(arm.variant.base)
-
-    def train_batches() -> Callable[[int], Any]:
-        sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, tc.seed, tc.sampler_mode)
-        sampler.load_state_dict(ck.state["sampler"])
-        return lambda s: sampler.next_batch(base)
-
-    seed = cfg.seed * 1_000_003 + t0 + 13
-    streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
-    # optimiser, its hyperparameters per group and the lr schedule are read from the run itself
-    est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
-                            state=ck.optimizer_state, state_names=param_group_names(ck.model))
-    # the replay must be the base run: compare its end with the base checkpoint at t0 + 2T
-    end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)
-    replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
-    with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
-        rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
-                           n_groups=rc.n_groups)
     unit = _unit_delta(cfg)
-    return {"step": t0, "n_groups": rc.n_groups, "batch_size": rc.batch_size, "n_hvp": rep.n_hvp,
-            "seconds": rep.seconds, "replay_rel_error": replay_error,
-            "unit": {k: {"response": rep.predict(k, unit).to_dict(),
-                         "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names}}
+    per: list[dict[str, dict[str, dict[str, Any]]]] = []
+    n_hvp, seconds, replay_error = 0, 0.0, math.nan
+    for r in range(rc.trajectories):
+        ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
+        saved = dict(ck.state["sampler"])
+        rseed = replicate_seed(cfg.seed, t0, r)
+        if rseed is not None:
+            saved["seed"] = rseed  # as a replicate's branch does (commute.train: a branch's sampler seed)
+
+        def train_batches(saved: dict[str, Any] = saved) -> Callable[[int], Any]:
+            sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
+            sampler.load_state_dict(saved)
+            return lambda s: sampler.next_batch(base)
+
+        seed = cfg.seed * 1_000_003 + t0 + 13 + 7919 * r
+        streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
+        # optimiser, its hyperparameters per group and the lr schedule are read from the run itself
+        est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
+                                state=ck.optimizer_state, state_names=param_group_names(ck.model))
+        if r == 0:  # the replay must be the base run: compare its end with the base checkpoint at t0 + 2T
+            end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)
+            replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
+        with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
+            rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
+                               n_groups=rc.n_groups)
+        n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
+        per.append({k: {"response": rep.predict(k, unit).to_dict(),
+                        "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names})
+    if len(per) == 1:
+        combined = per[0]
+    else:
+        def over(k: str, p: str) -> dict[str, Any]:
+            x = [float(t[k][p]["mean"]) for t in per]
+            return Estimate(statistics.fmean(x), statistics.stdev(x) / math.sqrt(len(x)), len(x)).to_dict()
+
+        combined = {k: {p: over(k, p) for p in ("response", "alignment")} for k in names}
+    out = {"step": t0, "n_groups": rc.n_groups, "batch_size": rc.batch_size, "trajectories": rc.trajectories,
+           "n_hvp": n_hvp, "seconds": seconds, "replay_rel_error": replay_error, "unit": combined}
+    if len(per) > 1:
+        out["per_trajectory"] = per
+    return out
 
 
 def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> dict[int, dict[str, Any]]:
@@ -538,7 +565,8 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> di
     rc = arm.cfg.response
     if not rc.enabled:
         return {}
-    key = config_hash(["response", rc.n_groups, rc.batch_size])
+    key = config_hash(["response", rc.n_groups, rc.batch_size]
+                      + ([rc.trajectories] if rc.trajectories != 1 else []))
     out = {}
     for t0 in arm.cfg.t0s:
         path = arm.cache / f"response_{t0:08d}_{key}.json"

@@ -57,6 +57,7 @@ class ResponseConfig:
     enabled: bool = True
     n_groups: int = 2  # independent groups of fresh batches (stderr over groups)
     batch_size: int = 10  # fresh sequences per domain per step per group
+    trajectories: int = 1  # replays of the window under the replicates' sampler seeds (stderr over them)
 
 
 @dataclass
@@ -143,6 +144,10 @@ class StudyConfig:
             raise CommuteError(f"replicates must be an integer >= 1, got {self.replicates!r}.")
         if self.response.n_groups < 2 or self.response.batch_size < 1:
             raise CommuteError("response.n_groups must be >= 2 (for a stderr) and response.batch_size >= 1.")
+        if not isinstance(self.response.trajectories, int) or isinstance(self.response.trajectories, bool) \
+                or self.response.trajectories < 1:
+            raise CommuteError(f"response.trajectories must be an integer >= 1, got "
+                               f"{self.response.trajectories!r}.")
         for o in self.optimizers:
             if o not in ("adam", "sgd"):
                 raise CommuteError(f"Unknown optimizer {o!r} in the study; use 'adam' and/or 'sgd'.")
@@ -254,7 +259,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_groups": 6,
         "lambda_iters": 15,
         "replicates": 3,
-        "response": {"n_groups": 2, "batch_size": 10},
+        "response": {"n_groups": 2, "batch_size": 4, "trajectories": 3},
         "locality": {"T_grid": [20, 5], "lr_times_lambda": [0.001, 0.05, 1.0], "delta_w": 0.3,
                      "batch_size": 8},
     },
@@ -282,7 +287,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_groups": 10,
         "lambda_iters": 20,
         "replicates": 5,
-        "response": {"n_groups": 2, "batch_size": 10},
+        "response": {"n_groups": 2, "batch_size": 5, "trajectories": 4},
         "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": [0.001, 0.05, 0.5], "delta_w": 0.3,
                      "batch_size": 16},
     },

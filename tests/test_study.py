@@ -399,6 +399,38 @@ def test_micro_study_end_to_end_and_cache(tmp_path: Path, monkeypatch: pytest.Mo
     assert third.data["arms"] == again.data["arms"]
 
 
+def test_response_over_trajectories_is_the_mean_of_per_trajectory_estimates(tmp_path: Path) -> None:
+    """response.trajectories = 3: trajectory 0 is the one-trajectory estimate (the run's own batches, same
+    fresh streams), the others replay the window under the replicates' sampler seeds (other G), and the
+    prediction is their mean with stderr std/√3 (not the within-trajectory stderr)."""
+    one = _micro_config(tmp_path)
+    one = StudyConfig.from_dict({**one.to_dict(), "optimizers": ["sgd"], "locality": {"enabled": False}})
+    three = StudyConfig.from_dict({**one.to_dict(), "response": {"n_groups": 2, "batch_size": 2,
+                                                                  "trajectories": 3}})
+    res1 = run_bilingual_study(config=one, out_dir=tmp_path / "one", cache_dir=tmp_path / "cache",
+                               progress=False)
+    res3 = run_bilingual_study(config=three, out_dir=tmp_path / "three", cache_dir=tmp_path / "cache",
+                               progress=False)
+    (r1,), (r3,) = res1.data["arms"][0]["responses"], res3.data["arms"][0]["responses"]
+    assert r1["trajectories"] == 1 and "per_trajectory" not in r1 and r3["trajectories"] == 3
+    per = r3["per_trajectory"]
+    assert per[0] == r1["unit"]  # trajectory 0 is the run's own window, as with one trajectory
+    assert r3["replay_rel_error"] == r1["replay_rel_error"] < 1e-5
+    for k in ("a", "b"):
+        for name in ("response", "alignment"):
+            x = np.array([t[k][name]["mean"] for t in per])
+            assert len(set(x.tolist())) == 3  # other batches, other G
+            got = r3["unit"][k][name]
+            assert got["mean"] == pytest.approx(x.mean()) and got["n"] == 3
+            assert got["stderr"] == pytest.approx(x.std(ddof=1) / math.sqrt(3))
+        # the cells' predictions use the combined estimate
+        cell = res3.data["arms"][0]["cells"][0]
+        assert cell["per_domain"][k]["predictions"]["response"]["mean"] == pytest.approx(
+            0.25 * r3["unit"][k]["response"]["mean"])
+    with pytest.raises(CommuteError, match="response.trajectories must be an integer >= 1"):
+        StudyConfig.from_dict({**one.to_dict(), "response": {"trajectories": 0}})
+
+
 def test_study_cli_report_rerender(tmp_path: Path) -> None:
     from commute.cli import main
 
