@@ -758,7 +758,11 @@ class ResponseEstimator:
     multilinear in independent unbiased factors and E[G | trajectory] is the population answer above (the
     same holds for G0). The draws are split into ``n_groups`` independent groups, each a full sweep with
     its own batches; stderr = std over groups / sqrt(G) is calibrated (Student t, G - 1 degrees of
-    freedom), as for :class:`~commute.estimate.BracketEstimator`.
+    freedom), as for :class:`~commute.estimate.BracketEstimator`, **for this trajectory**. In noisy
+    training G varies from one realisation of the window's batches to another far more than that (tiny
+    GPT-2, Adam, 40 steps: ten times the stderr over groups); to predict the mean over realisations,
+    estimate along several trajectories (the study's ``response.trajectories``: one estimator call per
+    replay under another sampler seed) and take the stderr over them.
 
     **Cost.** The replay: one training-batch gradient per step, once (a training step's cost). Then per
     step per group, with b = ``batches_per_step``: b K domain gradients (with ``create_graph`` for the
