@@ -42,6 +42,7 @@ curvature code always runs on the unwrapped module and reduces its results expli
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import math
 import os
@@ -250,6 +251,10 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if _INITIALISED_HERE and dist.is_available() and dist.is_initialized():
+        if "gloo" in str(dist.get_backend()).lower():
+            # leave together: gloo can abort a process whose peer tears the group down while it still exits
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
     _INITIALISED_HERE = False
 

@@ -67,6 +67,9 @@ WORKER = textwrap.dedent("""
     cli("audit", ["audit", run, "--out", str(two / "audit"), "--json", str(two / "audit_copy.json"),
                   *args["audit"]])
     cli("fail", ["bracket", run, "--json", str(root / "blocker" / "bracket.json"), *args["fail"]])
+    # leave the process group together: a rank destroying it while the other still exits can abort gloo
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 

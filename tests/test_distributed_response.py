@@ -112,6 +112,9 @@ WORKER = textwrap.dedent("""
     except CommuteError as exc:
         message = str(exc)
     (root / f"failure_rank{world.rank}.txt").write_text(message)
+    # leave the process group together: a rank destroying it while the other still exits can abort gloo
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 

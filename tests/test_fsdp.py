@@ -118,6 +118,9 @@ WORKER = textwrap.dedent("""
     except Exception as exc:
         code = repr(exc)
     (root / f"full_rank{rank}.json").write_text(json.dumps({"code": code, "err": err.getvalue()}))
+    # leave the process group together: a rank destroying it while the other still exits can abort gloo
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 
