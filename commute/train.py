@@ -270,10 +270,12 @@ def evaluate(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
 
 
 @torch.no_grad()
-def _evaluate_sharded(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
-                      world: World) -> dict[str, float]:
-    """:func:`evaluate` on several processes: rank r takes batches r, r+W, ... of every domain; the loss
-    sums and sequence counts are summed over ranks, so every rank gets the losses of all the batches."""
+def _evaluate_distributed(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]], world: World,
+                          by_rows: bool = False) -> dict[str, float]:
+    """:func:`evaluate` on several processes; the loss sums and sequence counts are summed over ranks, so
+    every rank gets the losses of all the batches. Rank r takes batches r, r+W, ... of every domain, or,
+    ``by_rows`` (an FSDP-sharded model, where every forward is a collective), every batch on its share of
+    the rows (``torch.tensor_split``; a rank without rows runs one row and discards it)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -281,35 +283,9 @@ def _evaluate_sharded(model: torch.nn.Module, val_batches: Mapping[str, Sequence
     try:
         for batches in val_batches.values():
             total, n = 0.0, 0
-            for i in range(world.rank, len(batches), world.world_size):
-                ids = getattr(batches[i], "input_ids", batches[i]).to(device)
-                losses = sequence_losses(model, ids)
-                total += float(losses.double().sum())
-                n += losses.numel()
-            sums += [total, n]
-    finally:
-        model.train(was_training)
-    tot = world.all_sum(sums)
-    return {name: float(tot[2 * k] / tot[2 * k + 1]) if tot[2 * k + 1] else float("nan")
-            for k, name in enumerate(val_batches)}
-
-
-@torch.no_grad()
-def _evaluate_rows(model: torch.nn.Module, val_batches: Mapping[str, Sequence[Any]],
-                   world: World) -> dict[str, float]:
-    """:func:`evaluate` on an FSDP-sharded model: every forward is a collective, so every rank runs every
-    batch, on its share of the rows (``torch.tensor_split``; a rank without rows runs one row and discards
-    it); the loss sums and sequence counts are summed over ranks."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums: list[float] = []
-    try:
-        for batches in val_batches.values():
-            total, n = 0.0, 0
-            for b in batches:
+            for b in (batches if by_rows else batches[world.rank::world.world_size]):
                 ids = getattr(b, "input_ids", b)
-                mine = torch.tensor_split(ids, world.world_size)[world.rank]
+                mine = torch.tensor_split(ids, world.world_size)[world.rank] if by_rows else ids
                 losses = sequence_losses(model, (mine if len(mine) else ids[:1]).to(device))
                 if len(mine):
                     total += float(losses.double().sum())
@@ -317,7 +293,8 @@ def _evaluate_rows(model: torch.nn.Module, val_batches: Mapping[str, Sequence[An
             sums += [total, n]
     finally:
         model.train(was_training)
-        fsdp.reshard(model)
+        if by_rows:
+            fsdp.reshard(model)
     tot = world.all_sum(sums)
     return {name: float(tot[2 * k] / tot[2 * k + 1]) if tot[2 * k + 1] else float("nan")
             for k, name in enumerate(val_batches)}
@@ -916,10 +893,8 @@ class _Run:
     def validate(self, at: int) -> dict[str, float]:
         """Evaluate on the validation batches (if any) and remember the result; the last one otherwise."""
         if self.val_batches:
-            if self.fsdp:
-                val = _evaluate_rows(self.model, self.val_batches, self.world)
-            elif self.world.enabled:
-                val = _evaluate_sharded(self.model, self.val_batches, self.world)
+            if self.world.enabled:  # under FSDP (only on several ranks) every forward is a collective
+                val = _evaluate_distributed(self.model, self.val_batches, self.world, by_rows=self.fsdp)
             else:
                 val = evaluate(self.model, self.val_batches)
             self.last_val, self.last_val_step = val, at
