@@ -12,18 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_corpora
+from conftest import WORLD, run_torchrun, skip_without_torchrun, write_corpora
 
 from commute.distributed import SINGLE, World, env_world, shard_batch, shard_rows
 from commute.errors import CommuteError
@@ -32,8 +28,6 @@ from commute.train import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TIMING = ("tokens_per_s", "elapsed_s")
-WORLD = 2
-LAUNCH_TIMEOUT_S = 120
 
 
 def _config(root: Path, **kw) -> dict:
@@ -126,12 +120,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
@@ -174,8 +162,7 @@ def _assert_checkpoints_close(a: Path, b: Path, rtol: float = 1e-9) -> None:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """One launch of 2 gloo ranks on loopback (see WORKER), next to the 1-rank runs it is compared with."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no gloo backend")
+    skip_without_torchrun()
     import yaml
 
     root = tmp_path_factory.mktemp("dist")
@@ -186,16 +173,7 @@ def launched(tmp_path_factory):
     # 1-rank references: the uninterrupted run, and a run stopped at step 4 for the 2 ranks to resume
     train(cfg, root / "ref", progress=False)
     train(cfg, root / "one_then_two", max_steps=4, progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    (root / "worker.py").write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(root / "worker.py"),
-           str(root), str(Path(__file__).parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=root)
-    (root / "launch.log").write_text(proc.stdout + "\n----\n" + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    proc = run_torchrun(root, WORKER, str(root), str(Path(__file__).parent))
     return root, proc
 
 

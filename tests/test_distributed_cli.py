@@ -16,23 +16,16 @@ write that fails on rank 0 must end both ranks with one sentence and a non-zero 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORLD, finish_torchrun, skip_without_torchrun, start_torchrun, write_corpora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WORLD = 2
-LAUNCH_TIMEOUT_S = 120
 # 3 bracket groups and 3 response groups: the ranks compute 2 and 1 of each
 BRACKET = ["--grad-batches", "6", "--hvp-batches", "3", "--groups", "3", "--batch-size", "4", "--seed", "3",
            "--no-progress"]
@@ -73,12 +66,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
     from commute.cli import main
 
@@ -107,11 +94,7 @@ def _text(s: str, paths: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The run, the one-process outputs, and one launch of 2 gloo ranks on loopback (see WORKER)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no gloo backend")
-    if importlib.util.find_spec("torch.distributed.run") is None:
-        pytest.skip("this torch build has no torchrun (torch.distributed.run)")
-    from conftest import write_corpora
+    skip_without_torchrun()
 
     from commute.train import TrainConfig, train
 
@@ -130,34 +113,16 @@ def setup(tmp_path_factory):
     finally:
         torch.set_num_threads(n)
     (root / "blocker").write_text("a file where the failing bracket's --json wants a folder")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    (root / "worker.py").write_text(WORKER)
     args = json.dumps({"bracket": BRACKET, "audit": AUDIT, "fail": FAIL})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(root / "worker.py"),
-           str(root), str(root / "run"), args]
     # started now, it runs while this process computes the one-process references
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=root)
-    return root, proc
+    return root, start_torchrun(root, WORKER, str(root), str(root / "run"), args)
 
 
 @pytest.fixture(scope="module")
 def outputs(setup):
     """Per command and rank: {code, out, err, world_size} of the launch (waited for here)."""
     root, proc = setup
-    try:
-        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the torchrun launch did not finish in {LAUNCH_TIMEOUT_S} s: {stderr[-3000:]}")
-    (root / "launch.log").write_text(stdout + "\n----\n" + stderr)
-    assert proc.returncode == 0, (stdout[-3000:], stderr[-6000:])
+    finish_torchrun(root, proc)
     return {(name, r): json.loads((root / f"{name}_rank{r}.json").read_text())
             for name in ("bracket", "audit", "fail") for r in range(WORLD)}
 

@@ -14,12 +14,7 @@ groups, or a wrong count of dropped batches (target_batches != batches_per_step 
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -27,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import WORLD, run_torchrun, skip_without_torchrun
 from torch import nn
 
 from commute.response import ResponseEstimator, ResponseReport
@@ -34,8 +30,6 @@ from commute.response import ResponseEstimator, ResponseReport
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
-WORLD = 2
-LAUNCH_TIMEOUT_S = 120
 DOMAINS = ("a", "b", "c")
 WEIGHTS = [{"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 0.4, "b": 0.4, "c": 0.2}, {"a": 0.2, "b": 0.3, "c": 0.5},
            {"a": 0.3, "b": 0.3, "c": 0.4}]
@@ -118,30 +112,12 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """One launch of 2 gloo ranks on loopback running WORKER; returns the folder of its reports."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no gloo backend")
-    if importlib.util.find_spec("torch.distributed.run") is None:
-        pytest.skip("this torch build has no torchrun (torch.distributed.run)")
+    skip_without_torchrun()
     root = tmp_path_factory.mktemp("dist_response")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    (root / "worker.py").write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(root / "worker.py"),
-           str(root), str(Path(__file__).parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=root)
-    (root / "launch.log").write_text(proc.stdout + "\n----\n" + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    run_torchrun(root, WORKER, str(root), str(Path(__file__).parent))
     return root
 
 

@@ -16,22 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORLD, run_torchrun, skip_without_torchrun
 from test_distributed import (
-    LAUNCH_TIMEOUT_S,
-    WORLD,
     _assert_checkpoints_close,
     _assert_rows_close,
     _config,
-    _free_port,
     _rows,
     _weights,
 )
@@ -127,8 +122,7 @@ WORKER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """One launch of 2 gloo ranks (see WORKER), next to the 1-rank runs it is compared with."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no gloo backend")
+    skip_without_torchrun()
     from commute import fsdp
 
     if not fsdp.available():
@@ -144,16 +138,7 @@ def launched(tmp_path_factory):
     # with parallel: ddp, the default: the field may differ on resume)
     train(cfg, root / "ref", progress=False)
     train({**cfg, "parallel": "ddp"}, root / "one_then_two", max_steps=4, progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    (root / "worker.py").write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(root / "worker.py"),
-           str(root), str(Path(__file__).parent)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=root)
-    (root / "launch.log").write_text(proc.stdout + "\n----\n" + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    proc = run_torchrun(root, WORKER, str(root), str(Path(__file__).parent))
     return root, proc
 
 
