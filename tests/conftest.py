@@ -110,3 +110,33 @@ def finish_torchrun(root: Path, proc: subprocess.Popen) -> subprocess.CompletedP
 def run_torchrun(root: Path, worker: str, *args: str) -> subprocess.CompletedProcess:
     """:func:`start_torchrun` then :func:`finish_torchrun`."""
     return finish_torchrun(root, start_torchrun(root, worker, *args))
+
+
+# --------------------------------------------------------------------------------------------------
+# memory: how many tensors autograd graphs hold at once
+# --------------------------------------------------------------------------------------------------
+class _Held:
+    def __init__(self, live: LiveSaved, t: torch.Tensor) -> None:
+        self.live, self.t = live, t.detach()
+        live.now += 1
+        live.peak = max(live.peak, live.now)
+
+    def __del__(self) -> None:
+        self.live.now -= 1
+
+
+class LiveSaved:
+    """Counts the tensors autograd graphs hold (saved for backward) alive at once. It holds a detached alias
+    (autograd re-attaches the graph when unpacking): a reference to a saved *output* itself (also through a
+    closure) would make a cycle through its grad_fn, freed only by the garbage collector, at random times."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def run(self, fn) -> int:
+        """The peak number of saved tensors alive while ``fn()`` runs (all freed when it returns)."""
+        self.now = self.peak = 0
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t):
+            fn()
+        assert self.now == 0
+        return self.peak

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.optim.adam as torch_adam
 import torch.optim.sgd as torch_sgd
+from conftest import LiveSaved
 
 import commute
 from commute.bracket import bracket_projection, hvp, tree_dot
@@ -378,32 +379,6 @@ def test_small_step_limit_is_the_bracket() -> None:
 # --------------------------------------------------------------------------------------------------
 # 4. cost and memory
 # --------------------------------------------------------------------------------------------------
-class _Held:
-    def __init__(self, live: _Live, t: torch.Tensor) -> None:
-        self.live, self.t = live, t.detach()
-        live.now += 1
-        live.peak = max(live.peak, live.now)
-
-    def __del__(self) -> None:
-        self.live.now -= 1
-
-
-class _Live:
-    """Counts the tensors autograd graphs hold (saved for backward) alive at once. It holds a detached alias
-    (autograd re-attaches the graph when unpacking): a reference to a saved *output* itself (also through a
-    closure) would make a cycle through its grad_fn, freed only by the garbage collector, at random times."""
-
-    def __init__(self) -> None:
-        self.now = self.peak = 0
-
-    def run(self, fn) -> int:
-        self.now = self.peak = 0
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t):
-            fn()
-        assert self.now == 0
-        return self.peak
-
-
 @pytest.mark.parametrize("name", ["gd", "adam"])
 def test_one_step_graph_at_a_time(name: str, monkeypatch) -> None:
     params, losses, val = problem(K=3)
@@ -417,7 +392,7 @@ def test_one_step_graph_at_a_time(name: str, monkeypatch) -> None:
                          create_graph=create_graph, **kw)
 
     monkeypatch.setattr(torch.autograd, "grad", spy)
-    live = _Live()
+    live = LiveSaved()
     peaks = {}
     for n in (4, 16):
         calls.clear()

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LiveSaved
 from scipy.stats import t as student_t
 from torch import nn
 
@@ -347,32 +348,6 @@ def test_adam_unbiased_and_calibrated_on_noisy_regression() -> None:
 # --------------------------------------------------------------------------------------------------
 # 3. cost: one graph per domain per step per group, nothing across steps
 # --------------------------------------------------------------------------------------------------
-class _Held:
-    def __init__(self, live: _Live, t: torch.Tensor) -> None:
-        self.live, self.t = live, t.detach()
-        live.now += 1
-        live.peak = max(live.peak, live.now)
-
-    def __del__(self) -> None:
-        self.live.now -= 1
-
-
-class _Live:
-    """Counts the tensors autograd graphs hold (saved for backward) alive at once. It holds a detached alias
-    (autograd re-attaches the graph when unpacking): a reference to a saved *output* itself would make a
-    cycle through its grad_fn, freed only by the garbage collector, at random times."""
-
-    def __init__(self) -> None:
-        self.now = self.peak = 0
-
-    def run(self, fn) -> int:
-        self.now = self.peak = 0
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t):
-            fn()
-        assert self.now == 0
-        return self.peak
-
-
 @pytest.mark.parametrize("name", ["gd", "adam"])
 def test_one_graph_per_domain_per_step_per_group(name: str, monkeypatch) -> None:
     model, data = mlp_problem()
@@ -390,7 +365,7 @@ def test_one_graph_per_domain_per_step_per_group(name: str, monkeypatch) -> None
     kw = {"eps": 1e-3} if name == "adam" else {}
     est = ResponseEstimator(model, ce, {k: itertools.repeat(b) for k, b in streams.items()}, lr=0.05,
                             optimizer=name, **kw)
-    live = _Live()
+    live = LiveSaved()
     peaks = {}
     G, b, bt = 2, 2, 3
     for n in (3, 9):
