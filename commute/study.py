@@ -41,7 +41,8 @@ full-batch steps, that the observed antisymmetric excess / prediction → 1 as �
 Stages
 ------
 One arm is an (optimiser, variant) pair; :func:`run_arm` runs its stages in order, each over typed results
-and each cached on disk (a re-run skips finished work, an interrupted study resumes):
+and each cached on disk (a re-run skips finished work, an interrupted study resumes). Arms are independent:
+with ``jobs`` > 1 they run in parallel processes (:func:`_run_arms_in_processes`). The stages:
 
 1. :func:`run_base` – the base run, checkpointed at every t0, t0 + 2T and extra P step;
    :func:`evaluate_base` – validation losses there (:class:`BasePoint`);
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,6 +69,7 @@ from torch import Tensor
 from commute.bracket import antisymmetric_excess, intervention_excess
 from commute.curvature import domain_losses as fixed_batch_losses
 from commute.curvature import gamma_eff, hessian_lambda_max, math_attention, mix_loss, model_params
+from commute.errors import CommuteError
 from commute.io import write_json
 from commute.locality import locality_sweep
 from commute.progress import Progress, logger
@@ -713,6 +716,7 @@ def run_bilingual_study(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> StudyResult:
     """Run the bilingual order study and write its report; returns a :class:`StudyResult`.
 
@@ -721,7 +725,14 @@ def run_bilingual_study(
     (base runs and branches, each cached by a config hash, so a re-run skips finished work and an
     interrupted study resumes), ``results.json`` and the report (``report.md``, PNGs, CSVs). Progress
     lines (token checks, stages) go to ``log`` (default: the ``commute`` logger).
+
+    ``jobs`` > 1 runs the arms in that many spawned processes (at most one per arm), each with the
+    config's ``threads``; on a GPU they share the device. The results are those of ``jobs=1``. A script
+    that calls this with ``jobs`` > 1 needs the usual ``if __name__ == "__main__":`` guard (spawn).
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise CommuteError(f"jobs must be an integer >= 1 (the number of processes running the study's "
+                           f"arms), got {jobs!r}.")
     if config is None:
         cfg = get_preset(preset)
     elif isinstance(config, StudyConfig):
@@ -739,15 +750,25 @@ def run_bilingual_study(
     if cfg.threads > 0:  # tiny models on a shared CPU run far faster on one thread each
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_study(cfg, out, device, cache_dir, progress, log or logger.info)
+        return _run_study(cfg, out, device, cache_dir, progress, log or logger.info, jobs)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path | None, progress: bool,
-               log: Callable[[str], None]) -> StudyResult:
-    """The body of :func:`run_bilingual_study` (threads already set)."""
+def _load_data(cfg: StudyConfig,
+               cache_dir: str | Path | None) -> tuple[dict[str, Any], dict[str, list[Tensor]]]:
+    """The study's domains (from the token cache once tokenised) and its fixed validation batches."""
     from commute.data import load_domains
+
+    domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cache_dir)
+    val = {k: domains[k].val_batches(cfg.n_val_batches, cfg.val_batch_size, cfg.seq_len)
+           for k in cfg.domain_names}
+    return domains, val
+
+
+def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path | None, progress: bool,
+               log: Callable[[str], None], jobs: int = 1) -> StudyResult:
+    """The body of :func:`run_bilingual_study` (threads already set)."""
     from commute.report import render_report
     from commute.scores import summarise
 
@@ -755,14 +776,14 @@ def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path |
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log(f"loading the corpora {', '.join(f'{k}={v}' for k, v in cfg.domains.items())} "
         "(fetched and tokenised on first use, then cached)")
-    domains = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cache_dir)
-    val = {k: domains[k].val_batches(cfg.n_val_batches, cfg.val_batch_size, cfg.seq_len)
-           for k in cfg.domain_names}
-    arms = []
+    domains, val = _load_data(cfg, cache_dir)  # with jobs > 1 also fills the token cache the workers read
+    plan = [(opt, var) for opt in cfg.optimizers for var in cfg.variants]
     with Progress("study", _planned_steps(cfg), enabled=progress, unit="steps", eta=False) as bar:
-        for opt in cfg.optimizers:
-            for var in cfg.variants:
-                arms.append(run_arm(Arm(cfg, opt, var, out, device), domains, val, bar, log).to_dict())
+        if min(jobs, len(plan)) == 1:
+            arms = [run_arm(Arm(cfg, opt, var, out, device), domains, val, bar, log).to_dict()
+                    for opt, var in plan]
+        else:
+            arms = _run_arms_in_processes(cfg, plan, out, device, cache_dir, min(jobs, len(plan)), bar, log)
         bar.describe("study: training done; locality sweep (float64, full batch, not counted in steps)")
         locality = run_locality(cfg, domains, out, device, log)
         bar.describe("study: done")
@@ -773,3 +794,126 @@ def _run_study(cfg: StudyConfig, out: Path, device: str, cache_dir: str | Path |
     write_json(out / "results.json", data)
     report = render_report(data, out)
     return StudyResult(out_dir=out, report_path=report, data=data)
+
+
+# --------------------------------------------------------------------------------------------------
+# arms in parallel processes (jobs > 1)
+# --------------------------------------------------------------------------------------------------
+class _Relay(Progress):
+    """A worker's progress bar: forwards advance/describe to the parent's bar over a queue."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__("", 0, enabled=False)
+        self.queue = queue
+
+    def advance(self, n: float = 1) -> None:
+        self.queue.put(("advance", n))
+
+    def describe(self, text: str) -> None:
+        self.queue.put(("describe", text))
+
+
+_worker_bar: Progress = Progress("", 0, enabled=False)
+
+
+def _init_worker(queue: Any, threads: int) -> None:
+    """Set up a spawned worker: the parent handles Ctrl-C, torch threads, progress to the parent's bar."""
+    global _worker_bar
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if queue is not None:
+        _worker_bar = _Relay(queue)
+
+
+def _arm_job(cfg: StudyConfig, optimizer: str, variant: VariantConfig, out: Path, device: str,
+             cache_dir: str | Path | None) -> tuple[dict[str, Any], list[str]]:
+    """:func:`run_arm` in a worker process: the arm's ``to_dict()`` and the log lines it produced."""
+    domains, val = _load_data(cfg, cache_dir)
+    lines: list[str] = []
+    res = run_arm(Arm(cfg, optimizer, variant, out, device), domains, val, _worker_bar, lines.append)
+    return res.to_dict(), lines
+
+
+def _relay_to(bar: Progress, queue: Any) -> None:
+    """Apply the workers' queued progress messages to the parent's bar."""
+    from queue import Empty
+
+    while True:
+        try:
+            kind, x = queue.get_nowait()
+        except Empty:
+            return
+        if kind == "advance":
+            bar.advance(x)
+        else:
+            bar.describe(x)
+
+
+def _run_arms_in_processes(cfg: StudyConfig, plan: Sequence[tuple[str, VariantConfig]], out: Path,
+                           device: str, cache_dir: str | Path | None, jobs: int, bar: Progress,
+                           log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The arms of ``plan`` in ``jobs`` spawned processes (:func:`_arm_job`), returned in ``plan``'s order.
+
+    Each arm's log lines are printed when it finishes. The first failure stops the study: arms not started
+    are cancelled, running ones terminated (what they cached stays; a re-run resumes), and the error names
+    the arm; Ctrl-C stops the workers the same way.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    queue = ctx.Queue() if bar.enabled else None
+    labels = [f"{opt}/{var.name}" for opt, var in plan]
+    results: list[dict[str, Any] | None] = [None] * len(plan)
+    bar.describe(f"study: {len(plan)} arms in {jobs} processes")
+    bar.info(f"arms 0/{len(plan)}")
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue, cfg.threads))
+    try:
+        futures = {pool.submit(_arm_job, cfg, opt, var, out, device, cache_dir): i
+                   for i, (opt, var) in enumerate(plan)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            if queue is not None:
+                _relay_to(bar, queue)
+            for f in sorted(done, key=futures.__getitem__):
+                i = futures[f]
+                try:
+                    results[i], lines = f.result()
+                except BrokenProcessPool:
+                    unfinished = ", ".join(labels[j] for j, r in enumerate(results) if r is None)
+                    raise CommuteError(f"a study worker process died abruptly (killed, e.g. out of memory) "
+                                       f"while arms {unfinished} were unfinished; finished work is cached, "
+                                       "so running the study again resumes.") from None
+                except CommuteError as exc:
+                    exc.args = (f"{_stopped(labels[i])}: {exc}",)
+                    raise exc from None
+                except Exception as exc:
+                    raise CommuteError(f"{_stopped(labels[i])}: {type(exc).__name__}: {exc} (run it with "
+                                       "jobs=1 for the traceback).") from exc
+                for line in lines:
+                    log(line)
+                bar.info(f"arms {sum(r is not None for r in results)}/{len(plan)}")
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+    if queue is not None:
+        _relay_to(bar, queue)
+    return [r for r in results if r is not None]
+
+
+def _stopped(label: str) -> str:
+    return (f"study arm {label} failed, so the study stopped (finished work is cached; running it again "
+            "resumes)")
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancel the arms not started and terminate the running ones."""
+    procs = list((pool._processes or {}).values())  # no public handle before Python 3.14's terminate_workers
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    pool.shutdown(wait=True)

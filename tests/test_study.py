@@ -518,3 +518,98 @@ def test_study_config_types_and_replay_fields_are_one_sentence() -> None:
                        ({"train_overrides": {"loss_weighting": "domain"}}, "response replay")):
         with pytest.raises(CommuteError, match=match):
             StudyConfig.from_dict({**get_preset("tiny").to_dict(), **bad})
+
+
+# --------------------------------------------------------------------------------------------------
+# arms in parallel processes (jobs > 1)
+# --------------------------------------------------------------------------------------------------
+def _two_variant_config(root: Path, optimizer: str) -> StudyConfig:
+    """The micro study for one optimiser with a slow first arm (two Δw, twice the branches) and a fast
+    second one: in two processes the arms finish out of the config's order."""
+    d = _micro_config(root).to_dict()
+    even = {"a": 0.5, "b": 0.5}
+    return StudyConfig.from_dict({**d, "optimizers": [optimizer],
+                                  "locality": {**d["locality"], "optimizer": optimizer},
+                                  "variants": [{"name": "balanced", "base": even, "delta_ws": [0.25, 0.125]},
+                                               {"name": "fast", "base": even, "delta_ws": [0.25]}]})
+
+
+def _results_without_timing(out: Path) -> str:
+    """results.json with its wall-clock fields (the responses' ``seconds``) dropped and the run directories
+    made relative to ``out``, as canonical JSON (NaN compares equal to NaN as text)."""
+    def strip(x: object) -> object:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "seconds"}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x.replace(str(out), "<out>") if isinstance(x, str) else x
+
+    return json.dumps(strip(json.loads((out / "results.json").read_text())), sort_keys=True)
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_study_jobs_gives_the_one_process_results_and_resumes(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Two arms in two processes: results.json equals the one-process run's (another directory) apart
+    from timings, arms in the config's order although they finish out of it; a re-run trains nothing."""
+    cfg = _two_variant_config(tmp_path, "adam")
+    kw = dict(config=cfg, cache_dir=tmp_path / "cache", progress=False)
+    run_bilingual_study(out_dir=tmp_path / "one", jobs=1, **kw)
+    lines: list[str] = []
+    with caplog.at_level("INFO", logger="commute"):  # stderr is no terminal: the bar logs its stages
+        two = run_bilingual_study(out_dir=tmp_path / "two", jobs=2, log=lines.append,
+                                  **{**kw, "progress": True})
+    assert "study: 2 arms in 2 processes" in caplog.messages
+    assert any(m.startswith("adam/fast: θ21 t0=4") for m in caplog.messages)  # a worker's stage, relayed
+    assert [a["variant"] for a in two.data["arms"]] == ["balanced", "fast"]
+    assert _results_without_timing(tmp_path / "two") == _results_without_timing(tmp_path / "one")
+    # each arm's token checks come back from its worker, one line per (t0, Δw)
+    assert sorted(s.split(" t0=")[0] for s in lines if "tokens per domain" in s) == [
+        "adam/balanced", "adam/balanced", "adam/fast"]
+
+    # a re-run in processes finds everything cached: no file under runs/ is written again
+    runs = _files(tmp_path / "two" / "runs")
+    again = run_bilingual_study(out_dir=tmp_path / "two", jobs=2, **kw)
+    assert _files(tmp_path / "two" / "runs") == runs
+    assert again.data["arms"] == json.loads(json.dumps(two.data["arms"]))
+
+
+def test_study_jobs_failure_is_one_sentence_naming_the_arm(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged checkpoint that one arm must read again stops the study with one sentence naming that arm;
+    every cached file stays, and once the checkpoint is repaired a re-run redoes only what was missing."""
+    from commute.cli import main
+
+    cfg = _two_variant_config(tmp_path, "sgd")
+    cfg.locality.enabled = False
+    out = tmp_path / "out"
+    run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(CommuteError, match=r"^jobs must be an integer >= 1 .*got"):
+            run_bilingual_study(config=cfg, out_dir=out, jobs=bad)  # type: ignore[arg-type]
+
+    (run,) = (out / "runs").glob("sgd-fast-*")
+    weights = next(run.glob("base-*/checkpoints/step_00000004")) / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + bytes(8))  # its sha256 no longer matches state.json
+    (p4,) = run.glob("cache/P_00000004_*.json")
+    p4.unlink()  # so the arm must load that checkpoint again
+    before = _files(out / "runs")
+    capsys.readouterr()
+    code = main(["study", "run", "--config", str(out / "config.yaml"), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet", "--jobs", "8"])  # capped at the two arms
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: study arm sgd/fast failed, so the study stopped") and "step_00000004" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert _files(out / "runs") == before  # nothing cached is lost (and nothing half-written is left)
+
+    weights.write_bytes(good)  # repaired: a re-run (in one process, the same caches) redoes only the lost P
+    before = _files(out / "runs")
+    run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    after = _files(out / "runs")
+    assert [k for k in after if after[k] != before.get(k)] == [str(p4.relative_to(out / "runs"))]

@@ -41,6 +41,10 @@ def bilingual(
                                        "overrides --preset."),
     cache_dir: Path | None = typer.Option(None, help="Corpus and token cache (default ~/.cache/commute)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    jobs: int = typer.Option(1, "--jobs", "-j", metavar="N",
+                             help="Run the arms (optimizer × variant) in N processes (at most one per arm), "
+                             "each with the config's `threads`; on a GPU they share the device. Same "
+                             "results as --jobs 1."),
 ) -> None:
     """Does the order of two domains matter, and which predictor says so? (`bilingual`: English/Russian
     fortunes presets; `run --config`: any K domains, e.g. configs/study_tiny_3lang.yaml.)"""
@@ -50,7 +54,7 @@ def bilingual(
         raise CommuteError(f"Study config {config} does not exist.")
     opts = None if optimizer == _Opt.both else [optimizer.value]
     res = run_bilingual_study(preset.value, out, config=config, optimizers=opts, device=device,
-                              cache_dir=cache_dir, progress=not quiet,
+                              cache_dir=cache_dir, progress=not quiet, jobs=jobs,
                               log=lambda s: console.print(s, highlight=False))
     _print_summary(res.data)
     console.print(f"Report: [bold]{res.report_path.resolve()}[/]")
