@@ -7,6 +7,7 @@ ratio is 1 at small Δw and falls at the study's Δw, the first-order answer is 
 Δw); if it is 1 throughout, the gap in the study comes from the noisy setting.
 
     python bench/adam_response_check.py reports/demo/study   # a finished tiny study (adam arm)
+    python bench/adam_response_check.py reports/demo/study --t0 250 --T 20 --dws 1e-6,1e-4,1e-2 --profile
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from commute.schedule import Intervention
 from commute.train import load_checkpoint, param_group_names
 
 
-def run(losses, p, st, weights, lr, betas, eps):
+def run(losses, p, st, weights, lr, betas, eps, trace=None):
     for w in weights:
+        if trace is not None:
+            trace.append({k: float(losses[k](p)) for k in losses})
         g = grad(lambda q, w=w: sum(w[k] * losses[k](q) for k in losses), p)
         p, st = optimizer_step(p, g, st, lr, "adam", betas=betas, eps=eps)
     return p
@@ -39,6 +42,8 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dws", default="0.01,0.05,0.15,0.45")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print G_en(t) - G_ru(t) per window step and target beside the base losses")
     a = ap.parse_args()
     torch.set_num_threads(1)
     (ck_dir,) = glob.glob(f"{a.study}/runs/adam-balanced-*/base-*/checkpoints/step_{a.t0:08d}")
@@ -58,9 +63,16 @@ def main() -> None:
     with math_attention():
         G = {k: schedule_gradient(losses, p0, [base] * n, lr, losses[k], "adam", st0, betas=betas, eps=eps)
              for k in losses}
-        pb = run(losses, p0, st0, [base] * n, lr, betas, eps)
+        trace: list[dict[str, float]] = []
+        pb = run(losses, p0, st0, [base] * n, lr, betas, eps, trace)
         lb = {k: float(losses[k](pb)) for k in losses}
         print(f"Adam state step {st0.step}, lr {lr}, window {n} steps, response in {time.time() - t:.0f} s")
+        if a.profile:  # where in the window the response comes from, and what the base run does there
+            print("step  " + "  ".join(f"G_en-G_ru (L={k})" for k in losses) + "  " +
+                  "  ".join(f"base L_{k}" for k in losses))
+            for s in range(n):
+                print(f"{s:<5} " + "  ".join(f"{float(G[k]['en'][s] - G[k]['ru'][s]):+17.3e}" for k in losses)
+                      + "  " + "  ".join(f"{trace[s][k]:9.4f}" for k in losses))
         print("dw     target  observed     response    obs/resp")
         for dw in (float(x) for x in a.dws.split(",")):
             iv = Intervention(base, "en", "ru", dw, 0, a.T)
