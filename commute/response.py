@@ -90,6 +90,7 @@ __all__ = [
 ]
 
 OptimizerName = Literal["gd", "sgd", "adam", "adamw"]
+NoiseMode = Literal["exact", "sample"]
 Leaves = tuple[Tensor, ...]
 
 _DEFAULTS: dict[str, dict[str, object]] = {
@@ -1076,6 +1077,8 @@ class ResponseEstimator:
         n_groups: int = 4,
         batches_per_step: int = 1,
         target_batches: int | None = None,
+        noise: NoiseMode | None = None,
+        train_batch_size: int | None = None,
         progress: bool = False,
         distributed: bool = False,
     ) -> ResponseReport:
@@ -1097,6 +1100,17 @@ class ResponseEstimator:
             batches_per_step: fresh batches per domain per step per group.
             target_batches: fresh batches per domain for grad L(theta_end), per group (default
                 ``batches_per_step``).
+            noise: Adam/AdamW only: also the **sampling-noise channel**, how the schedule moves v through
+                the training gradient's variance, for training batches of ``train_batch_size`` rows (B)
+                composed ``"exact"``-ly (n_k = w_k B rows of domain k: Var g = sum_k w_k s_k^2 / B) or by
+                ``"sample"`` (every row's domain drawn from w: Var g = (sum_k w_k (s_k^2 + mu_k^2) -
+                mu_mix^2) / B), s_k^2 the per-row gradient variance of domain k, per coordinate. G_k(t)
+                gains < a_n, dVar/dw_k > with a_n = (1 - b2) dL/dv_{t+1} (= (1 - b2)/b2 times the pulled
+                back a_v). s_k^2 comes from the spread of the step's ``batches_per_step`` (>= 2, equal
+                rows) fresh gradients, mu_k^2 from products of different batches: unbiased, and independent
+                of a_n. Left out: how the variance itself moves with theta (it would need per-row HVPs).
+                docs/design.md §1b.
+            train_batch_size: B, the rows of one training batch (with ``noise``).
             progress: show a rich progress bar on stderr.
             distributed: split the groups over the processes of a torchrun run (every rank must call this
                 with the same model weights, optimiser state, streams, training batches and arguments; the
@@ -1127,6 +1141,7 @@ class ResponseEstimator:
             raise CommuteError(f"n_groups must be at least 2 to give a standard error, got {n_groups}.")
         if b < 1 or bt < 1:
             raise CommuteError(f"batches_per_step and target_batches must be >= 1, got {b} and {bt}.")
+        noise_set = self._noise_setting(noise, train_batch_size, b)
         in_targets = [k for k in range(K) if np.any(W[:, k] != 0)]
         g_groups = np.zeros((G, M, K, n))
         g0_groups = np.zeros((G, M, K, n))
@@ -1165,7 +1180,7 @@ class ResponseEstimator:
                 del gk_end
                 lam = [(lam_end[i], _zeros(m_end), _zeros(v_end)) for i in range(M)]
                 for t in range(n - 1, -1, -1):
-                    lam = self._step_back(t, traj[t], ws[t], lrs[t], lam, lam_end, iters, used, b,
+                    lam = self._step_back(t, traj[t], ws[t], lrs[t], lam, lam_end, iters, used, b, noise_set,
                                           g_groups[g, :, :, t], g0_groups[g, :, :, t])
                     bar.advance()
                 del lam, lam_end
@@ -1186,6 +1201,8 @@ class ResponseEstimator:
         meta = {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                 "n_params": sum(p.numel() for p in self.params),
                 "optimizer_kwargs": _jsonable(self.optimizer_kwargs), "state_step": self.state.step}
+        if noise_set is not None:
+            meta["noise"], meta["train_batch_size"] = noise_set
         if world.enabled:
             meta["world_size"] = world.world_size
         return ResponseReport(
@@ -1212,6 +1229,57 @@ class ResponseEstimator:
             meta=meta,
         )
 
+    def _noise_setting(self, noise: str | None, train_batch_size: int | None,
+                       b: int) -> tuple[str, int] | None:
+        """(mode, B) of the sampling-noise channel (None: off), after checking the arguments."""
+        if noise is None:
+            if train_batch_size is not None:
+                raise CommuteError("train_batch_size is for the sampling-noise channel: give noise='exact' "
+                                   "or 'sample' too (how the training batches were composed).")
+            return None
+        if noise not in ("exact", "sample"):
+            raise CommuteError(f"noise must be 'exact' or 'sample' (how the training batches were composed), "
+                               f"got {noise!r}.")
+        if self._hp.name not in ("adam", "adamw"):
+            raise CommuteError(f"the sampling-noise channel is Adam's (the variance enters v); "
+                               f"{self._hp.name} is linear in the gradient, so leave noise unset.")
+        if not (isinstance(train_batch_size, int) and train_batch_size >= 1):
+            raise CommuteError(f"noise needs train_batch_size, the rows of one training batch (an int >= 1), "
+                               f"got {train_batch_size!r}.")
+        if b < 2:
+            raise CommuteError(f"noise needs batches_per_step >= 2 (the per-row variance comes from the "
+                               f"spread of a step's fresh gradients), got {b}.")
+        if self._hp.betas[1] <= 0:
+            raise CommuteError("noise needs Adam's beta2 > 0.")
+        return noise, train_batch_size
+
+    @staticmethod
+    def _variance_derivative(w: Sequence[float], gk: list[list[Tensor]], sq: list[list[Tensor]],
+                             rows: list[set[int]], b: int, noise: tuple[str, int]) -> list[list[Tensor]]:
+        """dVar(g_t)/dw_k per coordinate, unbiased from b fresh batches per domain of n rows each:
+        Var(ghat_k) = b/(b-1) (mean ghat_k^2 - gbar_k^2), s_k^2 = n Var(ghat_k), mu_k^2 = gbar_k^2 -
+        Var(ghat_k)/b. ``exact``: s_k^2 / B; ``sample``: (s_k^2 + mu_k^2 - 2 mu_mix mu_k) / B, where
+        mu_j mu_k = gbar_j gbar_k for j != k (independent batches) and mu_k^2 for j = k."""
+        mode, B = noise
+        var, mu2 = [], []
+        for k in range(len(w)):
+            if len(rows[k]) != 1:
+                raise CommuteError(f"noise needs fresh batches of equal rows per domain, got "
+                                   f"{sorted(rows[k])}.")
+            var.append([b / (b - 1) * (s_ - g_ * g_) for s_, g_ in zip(sq[k], gk[k], strict=True)])
+            mu2.append([g_ * g_ - v_ / b for g_, v_ in zip(gk[k], var[k], strict=True)])
+        out = []
+        for k in range(len(w)):
+            (n,) = rows[k]
+            d = [n * v_ for v_ in var[k]]
+            if mode == "sample":
+                for j in range(len(w)):
+                    cross = mu2[k] if j == k else [a * c for a, c in zip(gk[j], gk[k], strict=True)]
+                    d = [x - 2 * w[j] * c for x, c in zip(d, cross, strict=True)]
+                d = [x + m for x, m in zip(d, mu2[k], strict=True)]
+            out.append([x / B for x in d])
+        return out
+
     def _step_back(
         self,
         t: int,
@@ -1223,11 +1291,14 @@ class ResponseEstimator:
         iters: dict[str, Iterator[Any]],
         used: dict[str, int],
         b: int,
+        noise: tuple[str, int] | None,
         out: np.ndarray,
         out0: np.ndarray,
     ) -> list[tuple[Leaves, Leaves | None, Leaves | None]]:
         """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t."""
         p0, m0, v0, g0 = (self._load(x) for x in z)
+        if noise is not None and v0 is None:  # a fresh Adam state: v_t = 0 as an input, for a_v
+            m0, v0 = tuple(torch.zeros_like(x) for x in p0), tuple(torch.zeros_like(x) for x in p0)
         step = self.state.step + t
         # U_t's pullback at the trajectory, with g an input (for GD/SGD U is linear: any g will do)
         p = tuple(x.detach().requires_grad_(True) for x in p0)
@@ -1262,12 +1333,18 @@ class ResponseEstimator:
         vecs = [a[3] for a in pulled]
         gk = [[torch.zeros_like(x) for x in q] for _ in w]
         hv = [[torch.zeros_like(x) for x in q] for _ in pulled]
+        sq = None if noise is None else [[torch.zeros_like(x) for x in q] for _ in w]  # mean of ghat^2
+        rows: list[set[int]] = [set() for _ in w]
         for _ in range(b):
             for k, d in enumerate(self.streams):
-                loss = self._loss(self._eval, f"domain {d!r}", self._next(d, iters[d], used), q)
+                batch = self._next(d, iters[d], used)
+                loss = self._loss(self._eval, f"domain {d!r}", batch, q)
                 graph = need_h and w[k] != 0
                 gs = self._grad(loss, q, create_graph=graph)
                 _accumulate(gk[k], gs, 1.0 / b)
+                if sq is not None:
+                    rows[k].add(_rows(batch))
+                    _accumulate(sq[k], [None if x is None else x.detach() ** 2 for x in gs], 1.0 / b)
                 if graph:
                     self.n_hvp += len(vecs)
                     for acc, h in zip(hv, graph_hvps(gs, q, vecs), strict=True):
@@ -1278,8 +1355,27 @@ class ResponseEstimator:
             for k in range(len(w)):
                 out[i, k] = _dot(vecs[i], gk[k])
                 out0[i, k] = _dot(a0[i], gk[k])
+        if sq is not None:  # the sampling-noise channel: G_k(t) += < a_n, dVar(g_t)/dw_k >
+            b2 = self._hp.betas[1]
+            dvar = self._variance_derivative(w, gk, sq, rows, b, noise)
+            for i, a in enumerate(pulled):
+                a_n = [x * ((1 - b2) / b2) for x in a[2]]  # (1 - b2) dL/dv_{t+1} from a_v = b2 dL/dv_{t+1}
+                for k in range(len(w)):
+                    out[i, k] += _dot(a_n, dvar[k])
         return [(tuple(ap + h for ap, h in zip(a[0], hv[i], strict=True)), a[1], a[2])
                 for i, a in enumerate(pulled)]
+
+
+def _rows(batch: Any) -> int:
+    """Rows (examples) of a batch: a tensor's first dimension, else that of the first tensor it holds."""
+    if isinstance(batch, Tensor) and batch.ndim > 0:
+        return int(batch.shape[0])
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
+    for x in items:
+        if isinstance(x, Tensor) and x.ndim > 0:
+            return int(x.shape[0])
+    raise CommuteError("the sampling-noise channel needs batches that are tensors (or tuples / dicts of "
+                       "them) with examples along the first dimension.")
 
 
 def _trained_parameters(model: nn.Module, parameters: Iterable[nn.Parameter] | None

@@ -542,9 +542,11 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
         if r == 0:  # the replay must be the base run: compare its end with the base checkpoint at t0 + 2T
             end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)
             replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
+        noise = ({"noise": tc.sampler_mode, "train_batch_size": tc.batch_size}
+                 if rc.noise and arm.optimizer in ("adam", "adamw") else {})
         with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
             rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
-                               n_groups=rc.n_groups)
+                               n_groups=rc.n_groups, batches_per_step=rc.batches_per_step, **noise)
         n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
         per.append({k: {"response": rep.predict(k, unit).to_dict(),
                         "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names})
@@ -557,7 +559,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
 
         combined = {k: {p: over(k, p) for p in ("response", "alignment")} for k in names}
     out = {"step": t0, "n_groups": rc.n_groups, "batch_size": rc.batch_size, "trajectories": rc.trajectories,
-           "n_hvp": n_hvp, "seconds": seconds, "replay_rel_error": replay_error, "unit": combined}
+           "batches_per_step": rc.batches_per_step, "noise": bool(noise), "n_hvp": n_hvp, "seconds": seconds,
+           "replay_rel_error": replay_error, "unit": combined}
     if len(per) > 1:
         out["per_trajectory"] = per
     return out
@@ -569,7 +572,9 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> di
     if not rc.enabled:
         return {}
     key = config_hash(["response", rc.n_groups, rc.batch_size]
-                      + ([rc.trajectories] if rc.trajectories != 1 else []))
+                      + ([rc.trajectories] if rc.trajectories != 1 else [])
+                      + ([rc.batches_per_step, rc.noise] if (rc.batches_per_step, rc.noise) != (1, False)
+                         else []))
     out = {}
     for t0 in arm.cfg.t0s:
         path = arm.cache / f"response_{t0:08d}_{key}.json"

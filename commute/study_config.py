@@ -58,6 +58,8 @@ class ResponseConfig:
     n_groups: int = 2  # independent groups of fresh batches (stderr over groups)
     batch_size: int = 10  # fresh sequences per domain per step per group
     trajectories: int = 1  # replays of the window under the replicates' sampler seeds (stderr over them)
+    batches_per_step: int = 1  # fresh batches of batch_size per domain per step per group
+    noise: bool = False  # Adam arms: add the sampling-noise channel (needs batches_per_step >= 2)
 
 
 @dataclass
@@ -144,10 +146,15 @@ class StudyConfig:
             raise CommuteError(f"replicates must be an integer >= 1, got {self.replicates!r}.")
         if self.response.n_groups < 2 or self.response.batch_size < 1:
             raise CommuteError("response.n_groups must be >= 2 (for a stderr) and response.batch_size >= 1.")
-        if not isinstance(self.response.trajectories, int) or isinstance(self.response.trajectories, bool) \
-                or self.response.trajectories < 1:
-            raise CommuteError(f"response.trajectories must be an integer >= 1, got "
-                               f"{self.response.trajectories!r}.")
+        for name in ("trajectories", "batches_per_step"):
+            x = getattr(self.response, name)
+            if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+                raise CommuteError(f"response.{name} must be an integer >= 1, got {x!r}.")
+        if not isinstance(self.response.noise, bool):
+            raise CommuteError(f"response.noise must be true or false, got {self.response.noise!r}.")
+        if self.response.noise and self.response.batches_per_step < 2:
+            raise CommuteError("response.noise needs response.batches_per_step >= 2 (the per-row gradient "
+                               "variance comes from the spread of a step's fresh batches).")
         for o in self.optimizers:
             if o not in ("adam", "sgd"):
                 raise CommuteError(f"Unknown optimizer {o!r} in the study; use 'adam' and/or 'sgd'.")

@@ -243,11 +243,18 @@ class Regression:
     def pop_grad(self, k: int, theta: torch.Tensor) -> torch.Tensor:
         return self.S[k] @ (theta - self.beta[k])
 
+    def row_variance(self, k: int, theta: torch.Tensor) -> torch.Tensor:
+        """Per-coordinate variance of one row's gradient x (x.u - e), u = theta - beta_k (Isserlis):
+        S_ii (u^T S u + noise^2) + (S u)_i^2."""
+        S, u = self.S[k], theta - self.beta[k]
+        return torch.diagonal(S) * (u @ S @ u + self.noise**2) + (S @ u) ** 2
 
-def regression_truth(prob: Regression, batches, weights, lrs, c, name="gd", kw=None):
+
+def regression_truth(prob: Regression, batches, weights, lrs, c, name="gd", kw=None, noise=None):
     """Population G and G0 given the trajectory of the training batches, written out independently: the
     trajectory by plain GD / optimizer_step on the batch gradient X^T (X theta - y) / B, the adjoint with the
-    closed-form H_mix = sum_k w_k S_k and g_k."""
+    closed-form H_mix = sum_k w_k S_k and g_k. ``noise`` = (mode, B) adds Adam's sampling-noise channel
+    < a_n, dVar(g)/dw_k > with a_n = (1 - b2)/b2 a_v and the closed-form row variances and means."""
     kw = kw or {}
     K, n = len(prob.names), len(weights)
     theta, state, traj = prob.theta0.clone(), OptimizerState(), []
@@ -282,11 +289,21 @@ def regression_truth(prob: Regression, batches, weights, lrs, c, name="gd", kw=N
         for k in range(K):
             G[k, t] = float(a[3] @ gks[k])
             G0[k, t] = float(a0 @ gks[k])
+        if noise is not None:
+            mode, B = noise
+            b2 = kw.get("betas", (0.9, 0.999))[1]
+            a_n = (1 - b2) / b2 * a[2]
+            mix = sum(weights[t][d] * gks[j] for j, d in enumerate(prob.names))
+            for k in range(K):
+                dvar = prob.row_variance(k, th)
+                if mode == "sample":
+                    dvar = dvar + gks[k] ** 2 - 2 * mix * gks[k]
+                G[k, t] += float(a_n @ dvar) / B
         lam = (a[0] + H @ a[3], a[1], a[2])
     return G, G0
 
 
-def _calibration(name: str, kw: dict, repeats: int, n: int, lr: float, G: int, seed: int):
+def _calibration(name: str, kw: dict, repeats: int, n: int, lr: float, G: int, seed: int, noise=None):
     prob = Regression(K=3, noise=1.0, seed=seed)
     weights = random_weights(n, prob.names, seed=seed + 1)
     lrs = [lr] * n
@@ -297,10 +314,12 @@ def _calibration(name: str, kw: dict, repeats: int, n: int, lr: float, G: int, s
     rows: dict[str, list[tuple[float, float, float]]] = {}
     for _ in range(repeats):
         batches = [prob.train_batch(w, 16, gen) for w in weights]
-        rep = est.estimate(batches, weights, targets, n_groups=G)
+        extra = {} if noise is None else {"noise": noise[0], "train_batch_size": noise[1],
+                                          "batches_per_step": 4}
+        rep = est.estimate(batches, weights, targets, n_groups=G, **extra)
         for tname, c in targets.items():
             truth, truth0 = regression_truth(prob, batches, weights, lrs, [c.get(d, 0.0) for d in prob.names],
-                                             name, kw)
+                                             name, kw, noise)
             dwm = np.stack([dw[d] for d in prob.names])
             checks = {
                 f"predict {tname}": (rep.predict(tname, dw), float((truth * dwm).sum())),
@@ -343,6 +362,31 @@ def test_adam_unbiased_and_calibrated_on_noisy_regression() -> None:
     batches: unbiased for the population adjoint through Adam along the trajectory."""
     rows = _calibration("adam", {"eps": 1e-2, "betas": (0.8, 0.95)}, repeats=100, n=5, lr=0.05, G=8, seed=1)
     _check_calibration(rows, G=8, lo=0.82, hi=0.98)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sample"])
+def test_adam_noise_channel_unbiased_and_calibrated(mode: str) -> None:
+    """The sampling-noise channel (dVar(g)/dw_k through Adam's v) against closed-form row variances
+    (Isserlis) and means: unbiased and calibrated given the trajectory, with s_k^2 from the spread of four
+    fresh batches per step and mu_j mu_k from different batches."""
+    kw = {"eps": 1e-2, "betas": (0.8, 0.95)}
+    rows = _calibration("adam", kw, repeats=80, n=5, lr=0.05, G=8, seed=2, noise=(mode, 16))
+    _check_calibration(rows, G=8, lo=0.80, hi=0.99)
+
+
+def test_adam_noise_channel_is_a_real_term() -> None:
+    """On the same trajectory the channel changes the population G by far more than numerical noise, and it
+    is (1 - b2)/b2 a_v against dVar/dw: doubling B halves the increment exactly (regression_truth)."""
+    prob = Regression(K=3, noise=1.0, seed=2)
+    weights = random_weights(5, prob.names, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    batches = [prob.train_batch(w, 16, gen) for w in weights]
+    kw = {"eps": 1e-2, "betas": (0.8, 0.95)}
+    base, _ = regression_truth(prob, batches, weights, [0.05] * 5, [1, 0, 0], "adam", kw)
+    g16, _ = regression_truth(prob, batches, weights, [0.05] * 5, [1, 0, 0], "adam", kw, ("exact", 16))
+    g32, _ = regression_truth(prob, batches, weights, [0.05] * 5, [1, 0, 0], "adam", kw, ("exact", 32))
+    assert np.abs(g16 - base).max() > 0.05 * np.abs(base).max()
+    np.testing.assert_allclose(g32 - base, (g16 - base) / 2, rtol=1e-10, atol=1e-14)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +602,14 @@ def test_bad_inputs_are_one_sentence_errors() -> None:
         lambda: rep.predict_intervention("a", Intervention({"a": 0.7, "b": 0.3}, "a", "b", 0.1, t0=11, T=2)),
         lambda: rep.predict_intervention("a", Intervention({"a": 0.5, "b": 0.5}, "a", "b", 0.1, t0=14, T=2)),
         lambda: ResponseReport.from_dict({"format": "commute.response_report/1", "domains": ["a"]}),
+        # the sampling-noise channel: Adam only, with B, >= 2 batches per step, a known mode
+        lambda: est.estimate(b, w, noise="exact", train_batch_size=8, batches_per_step=2),  # GD
+        lambda: adam.estimate(b, w, noise="exact", batches_per_step=2),
+        lambda: adam.estimate(b, w, noise="exact", train_batch_size=8),
+        lambda: adam.estimate(b, w, noise="poisson", train_batch_size=8, batches_per_step=2),
+        lambda: adam.estimate(b, w, train_batch_size=8),
     ]
+    adam = ResponseEstimator(prob.model, prob.loss_fn, prob.streams(8, gen), lr=0.1, optimizer="adam")
     for call in bad_calls:
         with pytest.raises(CommuteError) as exc:
             call()

@@ -515,7 +515,10 @@ def test_study_config_types_and_replay_fields_are_one_sentence() -> None:
                        ({"lr": {"adam": "fast", "sgd": 0.1}}, "lr must map"),
                        ({"domains": ["en", "ru"]}, "domains must map"),
                        ({"train_overrides": {"grad_accum": 2}}, "response replay"),
-                       ({"train_overrides": {"loss_weighting": "domain"}}, "response replay")):
+                       ({"train_overrides": {"loss_weighting": "domain"}}, "response replay"),
+                       ({"response": {"batches_per_step": 0}}, "batches_per_step must be an integer"),
+                       ({"response": {"noise": "yes"}}, "response.noise must be true or false"),
+                       ({"response": {"noise": True}}, "noise needs response.batches_per_step >= 2")):
         with pytest.raises(CommuteError, match=match):
             StudyConfig.from_dict({**get_preset("tiny").to_dict(), **bad})
 
