@@ -8,6 +8,7 @@ finished work.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -21,6 +22,9 @@ def demo(
     device: str = typer.Option("cpu", help="Torch device for the study: cpu, cuda, mps, auto."),
     cache_dir: Path | None = typer.Option(None, help="Corpus and token cache (default ~/.cache/commute)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", metavar="N",
+                                    help="Processes for the study's four arms (default: the CPU cores this "
+                                    "process may use, at most 4; each runs one thread). Same results."),
 ) -> None:
     """Run the main job (tiny bilingual study + quadratic toy) and say where the results are."""
     from commute.study import run_bilingual_study
@@ -31,8 +35,11 @@ def demo(
     console.print(toy.table())
 
     console.rule("[bold]2/2 the bilingual order study, tiny preset (paper §4.2–4.3)")
+    if jobs is None:
+        jobs = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count() or 1))
     res = run_bilingual_study("tiny", out / "study", device=device, cache_dir=cache_dir, progress=not quiet,
-                              log=lambda s: console.print(s, highlight=False))
+                              log=lambda s: console.print(s, highlight=False), jobs=jobs)
     console.print(res.table())
 
     console.rule("[bold]results")
