@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -746,7 +747,8 @@ class ResponseEstimator:
     **The first-order alignment baseline** G0 comes from the same samples at no extra gradient or HVP:
     the adjoint is not propagated, every step sees lambda_n, G0_k(t) = < a0_g, g_k(theta_t) > with a0_g
     the g-part of (dU_t/dg)^T (grad L(theta_n), 0, 0) (for GD: -gamma_t <grad L(theta_n), g_k(theta_t)>).
-    It has no curvature and no optimiser-state carry-over: the difference G - G0 is what they contribute.
+    It has no curvature and no optimiser-state carry-over: the difference G - G0 is what they contribute
+    (and, with ``noise``, the sampling-noise channel, which G0 leaves out).
 
     **Estimation.** Every population quantity comes from the independent per-domain ``streams``:
     grad L(theta_n) from ``target_batches`` fresh batches per domain; at step t, ``batches_per_step``
@@ -780,8 +782,9 @@ class ResponseEstimator:
     Memory: the trajectory, detached (theta_t; plus m_t for SGD with momentum; plus m_t, v_t and g_t for
     Adam/AdamW: n, 2n or 4n copies of the parameters; ``store_device="cpu"`` keeps them in host memory),
     for the step in hand about 7M + K + 4 copies for Adam, 5M + K + 1 for GD (pulled-back adjoints,
-    grad L(theta_n), accumulators), and the autograd graph of one fresh batch of one domain at a time:
-    never a graph across steps.
+    grad L(theta_n), accumulators; with ``noise`` about 4K + M more: the per-domain second moments and shifts,
+    the update's curvature per target and the variance derivatives), and the autograd graph of one fresh
+    batch of one domain at a time: never a graph across steps.
 
     The model runs in eval mode, so a run trained with dropout is not replayed exactly (commute's presets
     have none); gradient clipping is not replayed either.
@@ -1100,15 +1103,19 @@ class ResponseEstimator:
             batches_per_step: fresh batches per domain per step per group.
             target_batches: fresh batches per domain for grad L(theta_end), per group (default
                 ``batches_per_step``).
-            noise: Adam/AdamW only: also the **sampling-noise channel**, how the schedule moves v through
-                the training gradient's variance, for training batches of ``train_batch_size`` rows (B)
-                composed ``"exact"``-ly (n_k = w_k B rows of domain k: Var g = sum_k w_k s_k^2 / B) or by
+            noise: Adam/AdamW only: also the **sampling-noise channel**, how the schedule moves the update
+                through the training gradient's variance, for training batches of ``train_batch_size`` rows
+                (B) composed ``"exact"``-ly (n_k = w_k B rows of domain k: Var g = sum_k w_k s_k^2 / B) or by
                 ``"sample"`` (every row's domain drawn from w: Var g = (sum_k w_k (s_k^2 + mu_k^2) -
-                mu_mix^2) / B), s_k^2 the per-row gradient variance of domain k, per coordinate. G_k(t)
-                gains < a_n, dVar/dw_k > with a_n = (1 - b2) dL/dv_{t+1} (= (1 - b2)/b2 times the pulled
-                back a_v). s_k^2 comes from the spread of the step's ``batches_per_step`` (>= 2, equal
-                rows) fresh gradients, mu_k^2 from products of different batches: unbiased, and independent
-                of a_n. Left out: how the variance itself moves with theta (it would need per-row HVPs).
+                mu_mix^2) / B), s_k^2 the per-row gradient variance of domain k, per coordinate. U_t is
+                elementwise in g, so E[<lambda_{t+1}, U_t(g)>] moves with Var g by c = diag(d2 <lambda_{t+1},
+                U_t>/dg2) / 2 (exact for Gaussian noise; one double backward of the elementwise update at the
+                actual g_t): G_k(t) gains < c, dVar/dw_k >. Through v alone c would be (1 - b2)/b2 a_v; the
+                rest is the curvature of m/sqrt(v) in g. s_k^2 comes from the spread of the step's
+                ``batches_per_step`` (>= 2, equal rows) fresh gradients, mu_k^2 from products of different
+                batches: unbiased, and independent of c. Left out, though of the same order in Var: how the
+                noise moves theta and so the later steps (the curvature term 1/2 tr(H Cov theta), all of
+                SGD's noise effect; it needs a second-order adjoint), and how Var itself moves with theta.
                 docs/design.md §1b.
             train_batch_size: B, the rows of one training batch (with ``noise``).
             progress: show a rich progress bar on stderr.
@@ -1241,9 +1248,12 @@ class ResponseEstimator:
             raise CommuteError(f"noise must be 'exact' or 'sample' (how the training batches were composed), "
                                f"got {noise!r}.")
         if self._hp.name not in ("adam", "adamw"):
-            raise CommuteError(f"the sampling-noise channel is Adam's (the variance enters v); "
-                               f"{self._hp.name} is linear in the gradient, so leave noise unset.")
-        if not (isinstance(train_batch_size, int) and train_batch_size >= 1):
+            raise CommuteError(f"the sampling-noise channel is implemented for Adam/AdamW (the variance "
+                               f"enters the update through v); {self._hp.name}'s update is linear in the "
+                               "gradient and its noise acts only through curvature, which is not modelled: "
+                               "leave noise unset.")
+        if isinstance(train_batch_size, bool) or not isinstance(train_batch_size, numbers.Integral) \
+                or train_batch_size < 1:
             raise CommuteError(f"noise needs train_batch_size, the rows of one training batch (an int >= 1), "
                                f"got {train_batch_size!r}.")
         if b < 2:
@@ -1251,22 +1261,26 @@ class ResponseEstimator:
                                f"spread of a step's fresh gradients), got {b}.")
         if self._hp.betas[1] <= 0:
             raise CommuteError("noise needs Adam's beta2 > 0.")
-        return noise, train_batch_size
+        return noise, int(train_batch_size)
 
     @staticmethod
     def _variance_derivative(w: Sequence[float], gk: list[list[Tensor]], sq: list[list[Tensor]],
-                             rows: list[set[int]], b: int, noise: tuple[str, int]) -> list[list[Tensor]]:
-        """dVar(g_t)/dw_k per coordinate, unbiased from b fresh batches per domain of n rows each:
-        Var(ghat_k) = b/(b-1) (mean ghat_k^2 - gbar_k^2), s_k^2 = n Var(ghat_k), mu_k^2 = gbar_k^2 -
-        Var(ghat_k)/b. ``exact``: s_k^2 / B; ``sample``: (s_k^2 + mu_k^2 - 2 mu_mix mu_k) / B, where
-        mu_j mu_k = gbar_j gbar_k for j != k (independent batches) and mu_k^2 for j = k."""
+                             shift: list[list[Tensor]], rows: list[set[int]], b: int,
+                             noise: tuple[str, int]) -> list[list[Tensor]]:
+        """dVar(g_t)/dw_k per coordinate, unbiased from b fresh batches per domain of n rows each (``sq``:
+        the mean of (ghat_k - c_k)^2 about a shift c_k, for accuracy when |mean| >> spread):
+        Var(ghat_k) = b/(b-1) (mean (ghat_k - c)^2 - (gbar_k - c)^2), s_k^2 = n Var(ghat_k),
+        mu_k^2 = gbar_k^2 - Var(ghat_k)/b. ``exact``: s_k^2 / B; ``sample``: (s_k^2 + mu_k^2 -
+        2 mu_mix mu_k) / B, where mu_j mu_k = gbar_j gbar_k for j != k (independent batches) and mu_k^2
+        for j = k."""
         mode, B = noise
         var, mu2 = [], []
         for k in range(len(w)):
             if len(rows[k]) != 1:
                 raise CommuteError(f"noise needs fresh batches of equal rows per domain, got "
                                    f"{sorted(rows[k])}.")
-            var.append([b / (b - 1) * (s_ - g_ * g_) for s_, g_ in zip(sq[k], gk[k], strict=True)])
+            var.append([b / (b - 1) * (s_ - (g_ - c_) ** 2)
+                        for s_, g_, c_ in zip(sq[k], gk[k], shift[k], strict=True)])
             mu2.append([g_ * g_ - v_ / b for g_, v_ in zip(gk[k], var[k], strict=True)])
         out = []
         for k in range(len(w)):
@@ -1309,14 +1323,21 @@ class ResponseEstimator:
         p2, m2, v2 = _step_leaves(p, g, m, v, step, lr, self._hp)
         inputs = list(p) + list(m or ()) + list(v or ()) + list(g)
         np_, nm = len(p), len(m or ())
-        pulled = []
+        pulled, curv = [], []
         for lp, lm, lv in lam:
             outs = list(p2) + list(m2 or ()) + list(v2 or ())
             gos = list(lp) + list(lm or ()) + list(lv or ())
             live = [(o, go) for o, go in zip(outs, gos, strict=True) if o.requires_grad]
             gs = torch.autograd.grad([o for o, _ in live], inputs, [go for _, go in live], retain_graph=True,
-                                     allow_unused=True)
+                                     allow_unused=True, create_graph=noise is not None)
             gs = [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, gs, strict=True)]
+            if noise is not None:  # U_t is elementwise in g: diag d2<lambda, U_t>/dg2 = d(sum a_g)/dg
+                a_g = [d for d in gs[-np_:] if d.requires_grad]
+                hs = (torch.autograd.grad(sum(d.sum() for d in a_g), g, retain_graph=True, allow_unused=True)
+                      if a_g else [None] * np_)
+                curv.append([torch.zeros_like(x) if h is None else 0.5 * h.detach()
+                             for x, h in zip(g, hs, strict=True)])
+                gs = [d.detach() for d in gs]
             pulled.append((tuple(gs[:np_]), None if m is None else tuple(gs[np_:np_ + nm]),
                            None if v is None else tuple(gs[np_ + nm:-np_]), tuple(gs[-np_:])))
         a0 = []
@@ -1333,7 +1354,8 @@ class ResponseEstimator:
         vecs = [a[3] for a in pulled]
         gk = [[torch.zeros_like(x) for x in q] for _ in w]
         hv = [[torch.zeros_like(x) for x in q] for _ in pulled]
-        sq = None if noise is None else [[torch.zeros_like(x) for x in q] for _ in w]  # mean of ghat^2
+        sq = None if noise is None else [[torch.zeros_like(x) for x in q] for _ in w]  # mean (ghat - c)^2
+        shift: list[list[Tensor]] = [[] for _ in w]  # c: the first batch's gradient (no cancellation)
         rows: list[set[int]] = [set() for _ in w]
         for _ in range(b):
             for k, d in enumerate(self.streams):
@@ -1344,7 +1366,11 @@ class ResponseEstimator:
                 _accumulate(gk[k], gs, 1.0 / b)
                 if sq is not None:
                     rows[k].add(_rows(batch))
-                    _accumulate(sq[k], [None if x is None else x.detach() ** 2 for x in gs], 1.0 / b)
+                    if not shift[k]:
+                        shift[k] = [torch.zeros_like(x) if d is None else d.detach().clone()
+                                    for x, d in zip(q, gs, strict=True)]
+                    _accumulate(sq[k], [None if d is None else (d.detach() - c) ** 2
+                                        for d, c in zip(gs, shift[k], strict=True)], 1.0 / b)
                 if graph:
                     self.n_hvp += len(vecs)
                     for acc, h in zip(hv, graph_hvps(gs, q, vecs), strict=True):
@@ -1355,13 +1381,11 @@ class ResponseEstimator:
             for k in range(len(w)):
                 out[i, k] = _dot(vecs[i], gk[k])
                 out0[i, k] = _dot(a0[i], gk[k])
-        if sq is not None:  # the sampling-noise channel: G_k(t) += < a_n, dVar(g_t)/dw_k >
-            b2 = self._hp.betas[1]
-            dvar = self._variance_derivative(w, gk, sq, rows, b, noise)
-            for i, a in enumerate(pulled):
-                a_n = [x * ((1 - b2) / b2) for x in a[2]]  # (1 - b2) dL/dv_{t+1} from a_v = b2 dL/dv_{t+1}
+        if sq is not None:  # the noise channel: G_k(t) += < diag(d2<lambda, U_t>/dg2) / 2, dVar/dw_k >
+            dvar = self._variance_derivative(w, gk, sq, shift, rows, b, noise)
+            for i in range(len(pulled)):
                 for k in range(len(w)):
-                    out[i, k] += _dot(a_n, dvar[k])
+                    out[i, k] += _dot(curv[i], dvar[k])
         return [(tuple(ap + h for ap, h in zip(a[0], hv[i], strict=True)), a[1], a[2])
                 for i, a in enumerate(pulled)]
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -571,10 +572,10 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> di
     rc = arm.cfg.response
     if not rc.enabled:
         return {}
+    noise = rc.noise and arm.optimizer in ("adam", "adamw")  # the channel is Adam's: SGD arms ignore it
     key = config_hash(["response", rc.n_groups, rc.batch_size]
                       + ([rc.trajectories] if rc.trajectories != 1 else [])
-                      + ([rc.batches_per_step, rc.noise] if (rc.batches_per_step, rc.noise) != (1, False)
-                         else []))
+                      + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else []))
     out = {}
     for t0 in arm.cfg.t0s:
         path = arm.cache / f"response_{t0:08d}_{key}.json"
@@ -822,11 +823,11 @@ _worker_bar: Progress = Progress("", 0, enabled=False)
 
 
 def _init_worker(queue: Any, threads: int) -> None:
-    """Set up a spawned worker: the parent handles Ctrl-C, torch threads, progress to the parent's bar."""
+    """Set up a spawned worker: the parent handles Ctrl-C, torch threads (``threads`` > 0: as configured;
+    0: a share of the usable cores, so N workers do not each take them all), progress to the parent's bar."""
     global _worker_bar
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     if queue is not None:
         _worker_bar = _Relay(queue)
 
@@ -874,7 +875,8 @@ def _run_arms_in_processes(cfg: StudyConfig, plan: Sequence[tuple[str, VariantCo
     results: list[dict[str, Any] | None] = [None] * len(plan)
     bar.describe(f"study: {len(plan)} arms in {jobs} processes")
     bar.info(f"arms 0/{len(plan)}")
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue, cfg.threads))
+    threads = cfg.threads if cfg.threads > 0 else max(1, usable_cores() // jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads))
     try:
         futures = {pool.submit(_arm_job, cfg, opt, var, out, device, cache_dir): i
                    for i, (opt, var) in enumerate(plan)}
@@ -908,6 +910,11 @@ def _run_arms_in_processes(cfg: StudyConfig, plan: Sequence[tuple[str, VariantCo
     if queue is not None:
         _relay_to(bar, queue)
     return [r for r in results if r is not None]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _stopped(label: str) -> str:

@@ -8,7 +8,6 @@ finished work.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -27,7 +26,7 @@ def demo(
                                     "process may use, at most 4; each runs one thread). Same results."),
 ) -> None:
     """Run the main job (tiny bilingual study + quadratic toy) and say where the results are."""
-    from commute.study import run_bilingual_study
+    from commute.study import run_bilingual_study, usable_cores
     from commute.toy import ToyConfig, run_toy
 
     console.rule("[bold]1/2 the quadratic reproduction (paper §4.1, Table 1)")
@@ -36,8 +35,7 @@ def demo(
 
     console.rule("[bold]2/2 the bilingual order study, tiny preset (paper §4.2–4.3)")
     if jobs is None:
-        jobs = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else os.cpu_count() or 1))
+        jobs = min(4, usable_cores())
     res = run_bilingual_study("tiny", out / "study", device=device, cache_dir=cache_dir, progress=not quiet,
                               log=lambda s: console.print(s, highlight=False), jobs=jobs)
     console.print(res.table())
