@@ -59,6 +59,7 @@ import math
 import os
 import signal
 import statistics
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -877,6 +878,9 @@ def _run_arms_in_processes(cfg: StudyConfig, plan: Sequence[tuple[str, VariantCo
     bar.info(f"arms 0/{len(plan)}")
     threads = cfg.threads if cfg.threads > 0 else max(1, usable_cores() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads))
+    # SIGTERM (a scheduler's stop) stops the workers like Ctrl-C instead of orphaning them
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         futures = {pool.submit(_arm_job, cfg, opt, var, out, device, cache_dir): i
                    for i, (opt, var) in enumerate(plan)}
@@ -906,10 +910,17 @@ def _run_arms_in_processes(cfg: StudyConfig, plan: Sequence[tuple[str, VariantCo
     except BaseException:
         _stop_workers(pool)
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     pool.shutdown()
     if queue is not None:
         _relay_to(bar, queue)
     return [r for r in results if r is not None]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def usable_cores() -> int:
