@@ -151,6 +151,14 @@ def _default_targets(domains: Sequence[str]) -> dict[str, dict[str, float]]:
     return targets
 
 
+def domain_index(domains: Sequence[str], d: str) -> int:
+    """The position of domain ``d`` in ``domains``, or a one-sentence error naming the known ones."""
+    try:
+        return list(domains).index(d)
+    except ValueError:
+        raise CommuteError(f"unknown domain {d!r}; known domains are {list(domains)}.") from None
+
+
 def _weights_vector(weights: Mapping[str, float], domains: Sequence[str], what: str) -> np.ndarray:
     unknown = sorted(set(weights) - set(domains))
     if unknown:
@@ -620,10 +628,7 @@ class BracketReport:
 
     # ---- lookups -----------------------------------------------------------------------------------
     def _index(self, d: str) -> int:
-        try:
-            return self.domains.index(d)
-        except ValueError:
-            raise CommuteError(f"unknown domain {d!r}; known domains are {list(self.domains)}.") from None
+        return domain_index(self.domains, d)
 
     def _coefficients(self, target: str | Mapping[str, float]) -> np.ndarray:
         """Coefficients a with target weights = a @ basis_weights."""
@@ -878,10 +883,7 @@ class TournamentReport:
     seconds: float = 0.0
 
     def _index(self, d: str) -> int:
-        try:
-            return self.domains.index(d)
-        except ValueError:
-            raise CommuteError(f"unknown domain {d!r}; known domains are {list(self.domains)}.") from None
+        return domain_index(self.domains, d)
 
     @property
     def score_groups(self) -> np.ndarray:

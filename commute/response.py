@@ -69,6 +69,7 @@ from commute.estimate import (
     _to_device,
     _weights_vector,
     check_token_ids,
+    domain_index,
 )
 from commute.io import atomic_write
 from commute.progress import Progress
@@ -1311,8 +1312,6 @@ class ResponseEstimator:
     ) -> list[tuple[Leaves, Leaves | None, Leaves | None]]:
         """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t."""
         p0, m0, v0, g0 = (self._load(x) for x in z)
-        if noise is not None and v0 is None:  # a fresh Adam state: v_t = 0 as an input, for a_v
-            m0, v0 = tuple(torch.zeros_like(x) for x in p0), tuple(torch.zeros_like(x) for x in p0)
         step = self.state.step + t
         # U_t's pullback at the trajectory, with g an input (for GD/SGD U is linear: any g will do)
         p = tuple(x.detach().requires_grad_(True) for x in p0)
@@ -1494,10 +1493,7 @@ class ResponseReport:
 
     # ---- lookups -----------------------------------------------------------------------------------
     def _index(self, d: str) -> int:
-        try:
-            return self.domains.index(d)
-        except ValueError:
-            raise CommuteError(f"unknown domain {d!r}; the domains are {list(self.domains)}.") from None
+        return domain_index(self.domains, d)
 
     def _coefficients(self, target: str | Mapping[str, float]) -> np.ndarray:
         """a with (target's domain weights) = a @ target_weights: G is linear in the target."""
