@@ -838,7 +838,11 @@ def _arm_job(cfg: StudyConfig, optimizer: str, variant: VariantConfig, out: Path
     """:func:`run_arm` in a worker process: the arm's ``to_dict()`` and the log lines it produced."""
     domains, val = _load_data(cfg, cache_dir)
     lines: list[str] = []
-    res = run_arm(Arm(cfg, optimizer, variant, out, device), domains, val, _worker_bar, lines.append)
+    try:
+        res = run_arm(Arm(cfg, optimizer, variant, out, device), domains, val, _worker_bar, lines.append)
+    except Exception as exc:
+        exc.commute_log = lines  # type: ignore[attr-defined]  # the parent prints them before the error
+        raise
     return res.to_dict(), lines
 
 
@@ -899,9 +903,13 @@ def _run_arms_in_processes(cfg: StudyConfig, plan: Sequence[tuple[str, VariantCo
                                        f"while arms {unfinished} were unfinished; finished work is cached, "
                                        "so running the study again resumes.") from None
                 except CommuteError as exc:
+                    for line in getattr(exc, "commute_log", ()):
+                        log(line)
                     exc.args = (f"{_stopped(labels[i])}: {exc}",)
                     raise exc from None
                 except Exception as exc:
+                    for line in getattr(exc, "commute_log", ()):
+                        log(line)
                     raise CommuteError(f"{_stopped(labels[i])}: {type(exc).__name__}: {exc} (run it with "
                                        "jobs=1 for the traceback).") from exc
                 for line in lines:

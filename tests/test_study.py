@@ -605,8 +605,10 @@ def test_study_jobs_failure_is_one_sentence_naming_the_arm(tmp_path: Path,
     capsys.readouterr()
     code = main(["study", "run", "--config", str(out / "config.yaml"), "--out", str(out), "--cache-dir",
                  str(tmp_path / "cache"), "--quiet", "--jobs", "8"])  # capped at the two arms
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert code == 2, err
+    assert "sgd/fast t0=4 Δw=0.25 tokens per domain" in captured.out  # the failed arm's own lines, printed
     assert err.startswith("error: study arm sgd/fast failed, so the study stopped") and "step_00000004" in err
     assert "\n" not in err and "Traceback" not in err
     assert _files(out / "runs") == before  # nothing cached is lost (and nothing half-written is left)
