@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--delta-ws", default="0.15,0.3")
     ap.add_argument("--replicates", type=int, default=4)
     ap.add_argument("--groups", type=int, default=4, help="response estimator groups")
+    ap.add_argument("--trajectories", type=int, default=1,
+                    help="replays of each window under other sampler seeds; the response is their mean ± se")
     ap.add_argument("--optimizer", default="adam,sgd")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args()
@@ -40,7 +42,8 @@ def main() -> None:
             optimizers=a.optimizer.split(","),
             variants=[{"name": "balanced", "base": {"en": 0.5, "ru": 0.5}, "delta_ws": dws}],
             n_groups=2, n_grad_batches=4, n_hvp_batches=2,  # the bracket is not the point here: keep it cheap
-            response={"n_groups": a.groups, "batch_size": 10}, locality={"enabled": False},
+            response={"n_groups": a.groups, "batch_size": 10, "trajectories": a.trajectories},
+            locality={"enabled": False},
         )
         res = run_bilingual_study(config=cfg, out_dir=Path(a.out) / f"T{T}", cache_dir=a.cache_dir,
                                   progress=False)
