@@ -16,8 +16,8 @@ __all__ = ["hvp", "hvps", "grad", "lie_bracket", "bracket_projection", "CommuteE
 #: lazily imported public names -> their module (``import commute`` stays light)
 _LAZY = {
     **dict.fromkeys(("BracketEstimator", "BracketReport", "TournamentReport", "Estimate"), "estimate"),
-    **dict.fromkeys(("schedule_gradient", "schedule_response", "ResponseEstimator", "ResponseReport"),
-                    "response"),
+    **dict.fromkeys(("schedule_gradient", "schedule_response"), "response"),
+    **dict.fromkeys(("ResponseEstimator", "ResponseReport"), "response_estimator"),
     **dict.fromkeys(("BracketMonitor", "CommuteCallback"), "callbacks"),
     "bracket_at": "audit",
     "audit_run": "audit",

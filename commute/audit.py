@@ -558,7 +558,7 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     processes: the groups are split over the ranks; every rank replays)."""
     from commute.data import MixtureSampler
     from commute.model import lm_loss
-    from commute.response import ResponseEstimator
+    from commute.response_estimator import ResponseEstimator
     from commute.train import load_checkpoint, lr_at, param_group_names
 
     ck = load_checkpoint(ck_a, device=device, with_optimizer=True)
@@ -900,7 +900,7 @@ def audit_run(
         optimality += _optimality_rows(audit, thr, dof)
 
     # 3. the schedule gradient over the chosen windows (cached per window and settings)
-    from commute.response import ResponseReport
+    from commute.response_estimator import ResponseReport
 
     windows: list[dict[str, Any]] = []
     responses: dict[tuple[int, int], Any] = {}

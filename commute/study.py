@@ -514,7 +514,7 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
     from commute.data import MixtureSampler
     from commute.estimate import Estimate
     from commute.model import lm_loss
-    from commute.response import ResponseEstimator
+    from commute.response_estimator import ResponseEstimator
     from commute.train import load_checkpoint, lr_at, param_group_names
 
     cfg, rc, tc = arm.cfg, arm.cfg.response, arm.tc
