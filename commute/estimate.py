@@ -52,14 +52,11 @@ over the others: a domain with a large S_i belongs late, one with a very negativ
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -70,7 +67,7 @@ from commute.bracket import graph_hvps, intervention_excess, tree_dot
 from commute.curvature import math_attention
 from commute.distributed import GroupSplit, estimate_world
 from commute.errors import CommuteError
-from commute.io import atomic_write
+from commute.io import JsonRoundTrip
 from commute.progress import Progress
 from commute.schedule import check_delta_w
 
@@ -194,6 +191,20 @@ def _resolve_targets(targets: TargetsArg, domains: Sequence[str]) -> dict[str, d
     if not out:
         raise CommuteError("no targets given; pass None for the defaults (each domain plus the uniform mix).")
     return out
+
+
+def check_loss(loss: Any, where: str) -> Tensor:
+    """The ``loss_fn`` contract, checked: a 0-d tensor with a gradient path to the parameters, finite;
+    otherwise one sentence (``where``: what the batch was, e.g. "domain 'en'")."""
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise CommuteError(f"loss_fn must return a 0-d tensor (the mean loss), got {shape}.")
+    if not loss.requires_grad:
+        raise CommuteError("loss_fn's result does not depend on the model's parameters (is it computed under "
+                           "torch.no_grad() or detached?).")
+    if not torch.isfinite(loss):
+        raise CommuteError(f"loss_fn returned a non-finite loss ({loss.item()}) on {where}.")
+    return loss
 
 
 def check_token_ids(vocab_size: int | None, what: str, batch: Any) -> None:
@@ -333,16 +344,7 @@ class BracketEstimator:
                                "or more batches, or ask for fewer.") from None
         batch = _to_device(batch, self.device, self.dtype)
         self._check_token_ids(name, batch)
-        loss = self.loss_fn(self.model, batch)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise CommuteError(f"loss_fn must return a 0-d tensor (the mean loss), got {shape}.")
-        if not loss.requires_grad:
-            raise CommuteError("loss_fn's result does not depend on the model's parameters "
-                               "(is it computed under torch.no_grad() or detached?).")
-        if not torch.isfinite(loss):
-            raise CommuteError(f"loss_fn returned a non-finite loss ({loss.item()}) on domain {name!r}.")
-        return loss
+        return check_loss(self.loss_fn(self.model, batch), f"domain {name!r}")
 
     def _check_token_ids(self, name: str, batch: Any) -> None:
         check_token_ids(self.vocab_size, f"domain {name!r}", batch)
@@ -601,7 +603,7 @@ def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
 # the report
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class BracketReport:
+class BracketReport(JsonRoundTrip):
     """Result of :meth:`BracketEstimator.estimate`.
 
     The per-group estimates are kept (``p_groups[g, i, j, t]`` = P(domain i, domain j; basis target t) in
@@ -610,6 +612,8 @@ class BracketReport:
     domain's own loss, so any target sum_k c_k L_k can be asked for afterwards; in ``"targets"`` mode the
     basis is the requested targets and any target in their span can be asked for.
     """
+
+    json_kind = "bracket report"
 
     domains: tuple[str, ...]
     targets: dict[str, dict[str, float]]
@@ -792,17 +796,6 @@ class BracketReport:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CommuteError(f"not a bracket report (missing or bad field: {e}).") from None
-
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_dict` as JSON (atomically, :func:`commute.io.atomic_write`)."""
-        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> BracketReport:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CommuteError(f"cannot read bracket report {str(path)!r}: {e}.") from None
 
     # ---- display -----------------------------------------------------------------------------------
     def _rows(self) -> list[tuple[str, str, list[Estimate]]]:

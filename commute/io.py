@@ -49,6 +49,27 @@ def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 1) -
     return atomic_write(path, json.dumps(obj, indent=indent, default=float) + "\n")
 
 
+class JsonRoundTrip:
+    """``to_json`` / ``from_json`` around a class's ``to_dict`` / ``from_dict``: an atomic write, and a read
+    whose failure is one sentence naming ``json_kind``."""
+
+    json_kind = "file"
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``to_dict()`` as JSON (atomically, :func:`atomic_write`)."""
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Any:
+        """The object of ``from_dict`` on the JSON at ``path``."""
+        from commute.errors import CommuteError
+
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))  # type: ignore[attr-defined]
+        except (OSError, json.JSONDecodeError) as e:
+            raise CommuteError(f"cannot read {cls.json_kind} {str(path)!r}: {e}.") from None
+
+
 def write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
     """:func:`atomic_write` of a CSV table (a header row, then ``rows``)."""
     buf = io.StringIO()

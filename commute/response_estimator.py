@@ -8,15 +8,12 @@ channel. ``from commute.response import ResponseEstimator`` keeps working.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -36,10 +33,11 @@ from commute.estimate import (
     _restore_modes,
     _to_device,
     _weights_vector,
+    check_loss,
     check_token_ids,
     domain_index,
 )
-from commute.io import atomic_write
+from commute.io import JsonRoundTrip
 from commute.progress import Progress
 from commute.response import (
     Leaves,
@@ -348,16 +346,8 @@ class ResponseEstimator:
         batch = _to_device(batch, self.device, self.dtype)
         self._check_token_ids(name, batch)
         tensors = {f"model.{k}": x for k, x in zip(self.names, leaves, strict=True)}
-        loss = torch.func.functional_call(call, tensors, (batch,), tie_weights=True, strict=False)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise CommuteError(f"loss_fn must return a 0-d tensor (the mean loss), got {shape}.")
-        if not loss.requires_grad:
-            raise CommuteError("loss_fn's result does not depend on the model's parameters (is it computed "
-                               "under torch.no_grad() or detached?).")
-        if not torch.isfinite(loss):
-            raise CommuteError(f"loss_fn returned a non-finite loss ({loss.item()}) on {name}.")
-        return loss
+        return check_loss(torch.func.functional_call(call, tensors, (batch,), tie_weights=True, strict=False),
+                          name)
 
     def _check_token_ids(self, name: str, batch: Any) -> None:
         check_token_ids(self.vocab_size, name, batch)
@@ -828,7 +818,7 @@ def _jsonable(x: Any) -> Any:
 # the report
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class ResponseReport:
+class ResponseReport(JsonRoundTrip):
     """Result of :meth:`ResponseEstimator.estimate`: per-group samples of G and G0 and what they predict.
 
     ``g_groups[g, m, k, t]`` = G_k(t) for basis target m (weights ``target_weights[m]``) in group g;
@@ -836,6 +826,8 @@ class ResponseReport:
     Every derived quantity (a prediction, a sum over steps, another target in the span of the estimated
     ones) is computed per group first, so its stderr carries the right covariances.
     """
+
+    json_kind = "response report"
 
     domains: tuple[str, ...]
     targets: dict[str, dict[str, float]]
@@ -1041,17 +1033,6 @@ class ResponseReport:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CommuteError(f"not a response report (missing or bad field: {e}).") from None
         return rep
-
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_dict` as JSON (atomically, :func:`commute.io.atomic_write`)."""
-        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> ResponseReport:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CommuteError(f"cannot read response report {str(path)!r}: {e}.") from None
 
     # ---- display -----------------------------------------------------------------------------------
     def __str__(self) -> str:

@@ -471,7 +471,7 @@ def test_progress_is_the_library_progress_bar(monkeypatch) -> None:
 
 
 def test_to_json_writes_atomically_through_commute_io(monkeypatch, tmp_path) -> None:
-    import commute.estimate as estimate_mod
+    import commute.io as io_mod
     from commute.io import atomic_write
 
     written = []
@@ -480,7 +480,7 @@ def test_to_json_writes_atomically_through_commute_io(monkeypatch, tmp_path) -> 
         written.append(str(path))
         return atomic_write(path, data)
 
-    monkeypatch.setattr(estimate_mod, "atomic_write", spy)
+    monkeypatch.setattr(io_mod, "atomic_write", spy)  # the reports' to_json (commute.io.JsonRoundTrip)
     prob = Regression(K=2, seed=13)
     rep = BracketEstimator(prob.model, prob.loss_fn, prob.streams(torch.Generator().manual_seed(0))).estimate(
         4, 2, n_groups=2)
