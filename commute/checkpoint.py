@@ -421,8 +421,9 @@ def check_finite(path: Path, weights: torch.nn.Module | Mapping[str, Tensor]) ->
         seen: set[tuple[Any, ...]] = set()
         named = []
         for n, t in weights.items():
-            if _tie_key(t) not in seen:
-                seen.add(_tie_key(t))
+            key = _tie_key(t)
+            if key not in seen:
+                seen.add(key)
                 named.append((n, t))
     bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
     if bad:

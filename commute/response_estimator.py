@@ -637,23 +637,21 @@ class ResponseEstimator:
         2 mu_mix mu_k) / B, where mu_j mu_k = gbar_j gbar_k for j != k (independent batches) and mu_k^2
         for j = k."""
         mode, B = noise
-        var, mu2 = [], []
+        out = []
         for k in range(len(w)):
             if len(rows[k]) != 1:
                 raise CommuteError(f"noise needs fresh batches of equal rows per domain, got "
                                    f"{sorted(rows[k])}.")
-            var.append([b / (b - 1) * (s_ - (g_ - c_) ** 2)
-                        for s_, g_, c_ in zip(sq[k], gk[k], shift[k], strict=True)])
-            mu2.append([g_ * g_ - v_ / b for g_, v_ in zip(gk[k], var[k], strict=True)])
-        out = []
-        for k in range(len(w)):
             (n,) = rows[k]
-            d = [n * v_ for v_ in var[k]]
+            var = [b / (b - 1) * (s_ - (g_ - c_) ** 2)
+                   for s_, g_, c_ in zip(sq[k], gk[k], shift[k], strict=True)]
+            d = [n * v_ for v_ in var]
             if mode == "sample":
+                mu2 = [g_ * g_ - v_ / b for g_, v_ in zip(gk[k], var, strict=True)]
                 for j in range(len(w)):
-                    cross = mu2[k] if j == k else [a * c for a, c in zip(gk[j], gk[k], strict=True)]
+                    cross = mu2 if j == k else [a * c for a, c in zip(gk[j], gk[k], strict=True)]
                     d = [x - 2 * w[j] * c for x, c in zip(d, cross, strict=True)]
-                d = [x + m for x, m in zip(d, mu2[k], strict=True)]
+                d = [x + m for x, m in zip(d, mu2, strict=True)]
             out.append([x / B for x in d])
         return out
 

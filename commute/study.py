@@ -524,6 +524,7 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
     unit = _unit_delta(cfg)
     per: list[dict[str, dict[str, dict[str, Any]]]] = []
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
+    noise = {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if _noise_channel(arm) else {}
     for r in range(rc.trajectories):
         ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
         saved = dict(ck.state["sampler"])
@@ -544,8 +545,6 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
         if r == 0:  # the replay must be the base run: compare its end with the base checkpoint at t0 + 2T
             end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)
             replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
-        noise = ({"noise": tc.sampler_mode, "train_batch_size": tc.batch_size}
-                 if rc.noise and arm.optimizer in ("adam", "adamw") else {})
         with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
             rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
                                n_groups=rc.n_groups, batches_per_step=rc.batches_per_step, **noise)
@@ -568,12 +567,18 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
     return out
 
 
+def _noise_channel(arm: Arm) -> bool:
+    """Whether the arm's response estimate has the sampling-noise channel: ``response.noise`` for Adam arms
+    (the channel is Adam's; SGD arms ignore the setting, in the estimate and in its cache key alike)."""
+    return arm.cfg.response.noise and arm.optimizer in ("adam", "adamw")
+
+
 def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> dict[int, dict[str, Any]]:
     """:func:`_response_at` at every t0 (cached by the response settings); {} when disabled."""
     rc = arm.cfg.response
     if not rc.enabled:
         return {}
-    noise = rc.noise and arm.optimizer in ("adam", "adamw")  # the channel is Adam's: SGD arms ignore it
+    noise = _noise_channel(arm)
     key = config_hash(["response", rc.n_groups, rc.batch_size]
                       + ([rc.trajectories] if rc.trajectories != 1 else [])
                       + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else []))
