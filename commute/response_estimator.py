@@ -122,7 +122,8 @@ class ResponseEstimator:
     (and, with ``noise``, the sampling-noise channel, which G0 leaves out).
 
     **Estimation.** Every population quantity comes from the independent per-domain ``streams``:
-    grad L(theta_n) from ``target_batches`` fresh batches per domain; at step t, ``batches_per_step``
+    grad L(theta_n) from ``target_batches`` fresh batches per domain (or, with ``target_data``, exactly on
+    a fixed held-out set: the loss an evaluation reports); at step t, ``batches_per_step``
     fresh batches per domain give ghat_k(theta_t) and (the same batches) Hhat_mix a_g. The same batch may
     serve both because they never multiply each other: G_k(t) uses ghat_k(t) and lambda_{t+1}, which holds
     the batches of steps > t and the target's only; lambda_t, which holds Hhat_mix(t), feeds G only at steps
@@ -443,6 +444,7 @@ class ResponseEstimator:
         n_groups: int = 4,
         batches_per_step: int = 1,
         target_batches: int | None = None,
+        target_data: Mapping[str, Sequence[Any]] | None = None,
         noise: NoiseMode | None = None,
         train_batch_size: int | None = None,
         progress: bool = False,
@@ -466,6 +468,14 @@ class ResponseEstimator:
             batches_per_step: fresh batches per domain per step per group.
             target_batches: fresh batches per domain for grad L(theta_end), per group (default
                 ``batches_per_step``).
+            target_data: domain -> a fixed list of batches on which the targets are *measured* (e.g. the
+                held-out batches an evaluation reports): L_k is then the mean loss over that list and
+                grad L(theta_end) its exact gradient, the same in every group, instead of ``target_batches``
+                fresh draws from ``streams`` (the training distribution). Give it whenever the loss you will
+                compare with is a held-out one: the response of the training-split loss to the schedule is
+                not that of the held-out loss (the schedule moves theta along the training data's own
+                gradients; on the tiny study the two differ several-fold, docs/design.md §1b), even where
+                the two losses' values agree.
             noise: Adam/AdamW only: also the **sampling-noise channel**, how the schedule moves the update
                 through the training gradient's variance, for training batches of ``train_batch_size`` rows
                 (B) composed ``"exact"``-ly (n_k = w_k B rows of domain k: Var g = sum_k w_k s_k^2 / B) or by
@@ -493,9 +503,9 @@ class ResponseEstimator:
                 returns the one-process report (``seconds`` and ``replay_seconds``: the slowest rank's;
                 ``meta["world_size"]`` added). On one process this is the plain estimate.
 
-        Draw order (each batch used once): group by group; in a group, first the target batches at
-        theta_end (for each batch index, every domain in turn), then steps n-1 down to 0, for each of the
-        step's ``batches_per_step`` indices every domain in turn.
+        Draw order from each domain's stream (each batch used once): group by group; in a group, first
+        the ``target_batches`` at theta_end (none with ``target_data``), then steps n-1 down to 0,
+        ``batches_per_step`` per step.
         """
         domains = tuple(self.streams)
         K = len(domains)
@@ -511,8 +521,14 @@ class ResponseEstimator:
             raise CommuteError(f"n_groups must be at least 2 to give a standard error, got {n_groups}.")
         if b < 1 or bt < 1:
             raise CommuteError(f"batches_per_step and target_batches must be >= 1, got {b} and {bt}.")
+        if target_data is not None and target_batches is not None:
+            raise CommuteError("give target_data (a fixed evaluation set) or target_batches (fresh draws per "
+                               "group), not both.")
         noise_set = self._noise_setting(noise, train_batch_size, b)
         in_targets = [k for k in range(K) if np.any(W[:, k] != 0)]
+        fixed = self._target_data(target_data, [domains[k] for k in in_targets])
+        if fixed is not None:
+            bt = 0
         g_groups = np.zeros((G, M, K, n))
         g0_groups = np.zeros((G, M, K, n))
         loss_groups = np.full((G, K), np.nan)
@@ -538,14 +554,15 @@ class ResponseEstimator:
                 q = tuple(x.detach().requires_grad_(True) for x in p_end)
                 gk_end: dict[int, list[Tensor]] = {k: [torch.zeros_like(x) for x in q] for k in in_targets}
                 lsum = dict.fromkeys(in_targets, 0.0)
-                for _ in range(bt):
-                    for k in in_targets:
-                        d = domains[k]
-                        loss = self._loss(self._eval, f"domain {d!r}", self._next(d, iters[d], used), q)
-                        lsum[k] += float(loss.detach())
-                        _accumulate(gk_end[k], self._grad(loss, q), 1.0 / bt)
                 for k in in_targets:
-                    loss_groups[g, k] = lsum[k] / bt
+                    d = domains[k]
+                    draws = (fixed[d] if fixed is not None
+                             else [self._next(d, iters[d], used) for _ in range(bt)])
+                    for batch in draws:
+                        loss = self._loss(self._eval, f"domain {d!r}", batch, q)
+                        lsum[k] += float(loss.detach())
+                        _accumulate(gk_end[k], self._grad(loss, q), 1.0 / len(draws))
+                    loss_groups[g, k] = lsum[k] / len(draws)
                 lam_end = [_combine(W[i], gk_end) for i in range(M)]
                 del gk_end
                 lam = [(lam_end[i], _zeros(m_end), _zeros(v_end)) for i in range(M)]
@@ -573,6 +590,8 @@ class ResponseEstimator:
                 "optimizer_kwargs": _jsonable(self.optimizer_kwargs), "state_step": self.state.step}
         if noise_set is not None:
             meta["noise"], meta["train_batch_size"] = noise_set
+        if fixed is not None:
+            meta["target_data"] = {d: len(x) for d, x in fixed.items()}
         if world.enabled:
             meta["world_size"] = world.world_size
         return ResponseReport(
@@ -598,6 +617,22 @@ class ResponseEstimator:
             replay_seconds=t_replay,
             meta=meta,
         )
+
+    @staticmethod
+    def _target_data(target_data: Mapping[str, Sequence[Any]] | None,
+                     needed: Sequence[str]) -> dict[str, list[Any]] | None:
+        """``target_data`` checked: a non-empty list of batches for every domain a target needs."""
+        if target_data is None:
+            return None
+        if not isinstance(target_data, Mapping):
+            raise CommuteError("target_data must map each target domain to a list of batches.")
+        out = {}
+        for d in needed:
+            x = target_data.get(d)
+            if isinstance(x, (str, bytes)) or not isinstance(x, Sequence) or len(x) == 0:
+                raise CommuteError(f"target_data needs a non-empty list of batches for domain {d!r}.")
+            out[d] = list(x)
+        return out
 
     def _noise_setting(self, noise: str | None, train_batch_size: int | None,
                        b: int) -> tuple[str, int] | None:

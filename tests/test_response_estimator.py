@@ -170,6 +170,37 @@ def test_full_batch_limit_is_the_exact_response(case) -> None:
 
 
 @pytest.mark.parametrize("name", ["gd", "adam"])
+def test_target_data_is_the_held_out_loss(name: str) -> None:
+    """``target_data``: the trajectory and every step's quantities from the training domains, the target
+    measured on a fixed held-out set of two batches per domain: G is exactly schedule_response's with
+    L_k = the mean loss over those batches, and differs from the training-loss target's."""
+    model, data = mlp_problem()
+    held = {k: [(x + 0.3, y), (x[:5] - 0.2, y[:5])] for k, (x, y) in mlp_problem(seed=7)[1].items()}
+    losses = functional_losses(model, data)
+    held_losses = {k: (lambda q, b=b: sum(0.5 * ce(lambda x: torch.func.functional_call(model, q, (x,)), bb)
+                                          for bb in b)) for k, b in held.items()}
+    n, kw, lr = 6, ({} if name == "gd" else {"eps": 1e-3}), (0.5 if name == "gd" else 0.01)
+    weights = random_weights(n, "abc")
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    est = ResponseEstimator(model, ce, {k: itertools.repeat(b) for k, b in data.items()}, lr=lr,
+                            optimizer=name, train_loss_fn=mixture_loss, **kw)
+    rep = est.estimate([(w, data) for w in weights], weights, ["a", "mix"], n_groups=2, target_data=held)
+    assert rep.meta["target_data"] == {"a": 2, "b": 2, "c": 2}
+    plain = est.estimate([(w, data) for w in weights], weights, ["a"], n_groups=2)
+    for tname, c in {"a": {"a": 1.0}, "mix": {k: 1 / 3 for k in "abc"}}.items():
+        target = lambda q, c=c: sum(x * held_losses[d](q) for d, x in c.items())  # noqa: E731
+        ref = schedule_response(losses, params, weights, lr, target, name, **kw)
+        for d in data:
+            assert rel(rep.G(tname)[d], ref.G[d]) <= 1e-10, (tname, d)
+        assert rep.loss(tname).mean == pytest.approx(ref.loss, rel=1e-12)
+    assert rel(plain.G("a")["b"], rep.G("a")["b"]) > 0.05
+    with pytest.raises(CommuteError, match="not both"):
+        est.estimate([(w, data) for w in weights], weights, ["a"], target_data=held, target_batches=2)
+    with pytest.raises(CommuteError, match="non-empty list of batches for domain 'b'"):
+        est.estimate([(w, data) for w in weights], weights, ["mix"], target_data={"a": held["a"], "b": []})
+
+
+@pytest.mark.parametrize("name", ["gd", "adam"])
 def test_full_batch_limit_gpt2_tied_embeddings(name: str) -> None:
     from commute.curvature import domain_losses, model_params
     from commute.model import build_model, lm_loss
