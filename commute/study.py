@@ -500,10 +500,13 @@ def _unit_delta(cfg: StudyConfig) -> dict[str, list[float]]:
     return {d1: up, d2: [-x for x in up]}
 
 
-def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any]:
+def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
+                 t0: int) -> dict[str, Any]:
     """:class:`commute.response.ResponseEstimator` over the base window [t0, t0 + 2T) replayed from the
     checkpoint at t0; per target domain, the predicted antisymmetric excess (EL^12 − EL^21)/2 per unit Δw,
     Σ_t δw(t)·G(t) (docs/design.md §1b), and the first-order alignment baseline's (G without curvature).
+    The targets are the losses the observation measures: the fixed validation batches ``val``
+    (``target_data``), not the training split the steps' fresh batches come from.
 
     With ``response.trajectories`` R > 1 the window is replayed under the replicates' sampler seeds
     (trajectory r is the base continuation of replicate r's θ12/θ21 pair; r = 0 the run's own batches), one
@@ -547,7 +550,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], t0: int) -> dict[str, Any
             replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
         with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
             rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
-                               n_groups=rc.n_groups, batches_per_step=rc.batches_per_step, **noise)
+                               n_groups=rc.n_groups, batches_per_step=rc.batches_per_step,
+                               target_data={k: val[k] for k in names}, **noise)
         n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
         per.append({k: {"response": rep.predict(k, unit).to_dict(),
                         "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names})
@@ -573,13 +577,14 @@ def _noise_channel(arm: Arm) -> bool:
     return arm.cfg.response.noise and arm.optimizer in ("adam", "adamw")
 
 
-def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> dict[int, dict[str, Any]]:
+def estimate_response(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
+                      bar: Progress) -> dict[int, dict[str, Any]]:
     """:func:`_response_at` at every t0 (cached by the response settings); {} when disabled."""
     rc = arm.cfg.response
     if not rc.enabled:
         return {}
     noise = _noise_channel(arm)
-    key = config_hash(["response", rc.n_groups, rc.batch_size]
+    key = config_hash(["response", "target: val", rc.n_groups, rc.batch_size]
                       + ([rc.trajectories] if rc.trajectories != 1 else [])
                       + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else []))
     out = {}
@@ -587,7 +592,7 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], bar: Progress) -> di
         path = arm.cache / f"response_{t0:08d}_{key}.json"
         if not path.is_file():
             bar.describe(f"{arm.label}: linear response over [{t0}, {t0 + 2 * arm.cfg.T})")
-        out[t0] = _cached(path, lambda t0=t0: _response_at(arm, domains, t0))
+        out[t0] = _cached(path, lambda t0=t0: _response_at(arm, domains, val, t0))
     return out
 
 
@@ -668,7 +673,7 @@ def run_arm(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]
     base = evaluate_base(arm, val)
     cells = run_branches(arm, domains, val, base, bar, log)
     estimates = estimate_checkpoints(arm, domains, base, bar)
-    responses = estimate_response(arm, domains, bar)
+    responses = estimate_response(arm, domains, val, bar)
     return ArmResult(optimizer=arm.optimizer, variant=arm.variant.name, base=dict(arm.variant.base),
                      lr=arm.lr, T=arm.cfg.T, gamma_rule=_GAMMA_RULE[arm.optimizer], run_dir=str(arm.run_dir),
                      base_curve=[base[t] for t in arm.targets], checkpoints=estimates,

@@ -431,6 +431,40 @@ def test_response_over_trajectories_is_the_mean_of_per_trajectory_estimates(tmp_
         StudyConfig.from_dict({**one.to_dict(), "response": {"trajectories": 0}})
 
 
+def test_response_targets_the_observed_validation_loss(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The response's targets are the losses the observation measures: the study's fixed validation batches
+    (``target_data``), not fresh draws from the training split; the reported L(theta_end) is then the base
+    run's validation loss at t0 + 2T (the replay ends on that checkpoint)."""
+    import commute.response_estimator as re_mod
+
+    seen = []
+    real = re_mod.ResponseEstimator.estimate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("target_data"))
+        rep = real(self, *args, **kwargs)
+        seen.append(rep)
+        return rep
+
+    monkeypatch.setattr(re_mod.ResponseEstimator, "estimate", spy)
+    cfg = _micro_config(tmp_path)
+    cfg = StudyConfig.from_dict({**cfg.to_dict(), "optimizers": ["adam"], "locality": {"enabled": False}})
+    res = run_bilingual_study(config=cfg, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                              progress=False)
+    from commute.data import load_domains
+
+    doms = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=tmp_path / "cache")
+    target_data, rep = seen
+    for k in ("a", "b"):
+        val = doms[k].val_batches(cfg.n_val_batches, cfg.val_batch_size, cfg.seq_len)
+        assert len(target_data[k]) == len(val)
+        assert all(torch.equal(x, y) for x, y in zip(target_data[k], val, strict=True))
+        base_end = next(c for c in res.data["arms"][0]["base_curve"] if c["step"] == 8)
+        assert rep.loss(k).mean == pytest.approx(base_end["L"][k], rel=1e-4)
+        assert rep.loss(k).stderr == 0  # an exact target: the same in every group
+
+
 def test_study_cli_report_rerender(tmp_path: Path) -> None:
     from commute.cli import main
 
