@@ -551,11 +551,12 @@ def _skip_reason(state_a: dict[str, Any], state_b: dict[str, Any]) -> str | None
 
 
 def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups: int, batch_size: int,
-                     target_batches: int, seed: int, device: torch.device, progress: bool,
+                     target_batches: int | None, seed: int, device: torch.device, progress: bool,
                      world: World = SINGLE) -> tuple[Any, dict[str, Any]]:
     """:class:`commute.response.ResponseEstimator` over [step_a, step_b), replayed from ``ck_a`` on the run's
     own batches; also replays the window once more to measure how well it reproduces ``ck_b`` (several
-    processes: the groups are split over the ranks; every rank replays)."""
+    processes: the groups are split over the ranks; every rank replays). Targets: the run's validation
+    batches (the loss it logs), or with ``target_batches`` that many fresh training-split draws per group."""
     from commute.data import MixtureSampler
     from commute.model import lm_loss
     from commute.response_estimator import ResponseEstimator
@@ -584,9 +585,11 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     rp = est.replay(batches(), e - s, start=s, progress=progress and world.main)
     replay = {"rel_error": rp.rel_error(end.model), "seconds": time.perf_counter() - t0,
               "of": f"|theta_replayed - theta(step {e})| / |theta(step {e})| over the trained parameters"}
+    held = None if target_batches is not None else {
+        n: domains[n].val_batches(max(1, cfg.eval_batches), cfg.batch_size, cfg.seq_len) for n in names}
     rep = est.estimate(batches(), sched, targets=list(names), steps=e - s, start=s, n_groups=groups,
-                       batches_per_step=1, target_batches=target_batches, progress=progress,
-                       distributed=world.enabled)
+                       batches_per_step=1, target_batches=target_batches, target_data=held,
+                       progress=progress, distributed=world.enabled)
     return rep, replay
 
 
@@ -644,7 +647,7 @@ def _window_dict(rep: Any, replay: dict[str, Any], end: int, mix_name: str, mix:
                                  for a, b in zip(edges[:-1], edges[1:], strict=True)] for d in names}},
         "window_sums": sums, "best_shift": shifts, "threshold": threshold, "dof": rep.n_groups - 1,
         "n_groups": rep.n_groups, "batch_size": rep.meta.get("batch_size"),
-        "target_batches": rep.target_batches,
+        "target_batches": rep.target_batches, "target_data": rep.meta.get("target_data"),
         "n_hvp": rep.n_hvp, "seconds": rep.seconds, "optimizer": rep.optimizer,
     }
 
@@ -741,7 +744,7 @@ def audit_run(
     response_windows: int | str = 2,
     response_groups: int = 2,
     response_batch_size: int | None = None,
-    response_target_batches: int = 4,
+    response_target_batches: int | None = None,
     response_bins: int = 20,
     device: str = "cpu",
     seed: int = 0,
@@ -769,8 +772,11 @@ def audit_run(
        replays the window from its first checkpoint on the run's own batches (the sampler restored from
        the checkpoint, the run's schedule, learning rates and optimiser state), with ``response_groups``
        groups of fresh batches of ``response_batch_size`` sequences per domain and step (default: the run's
-       batch size / K) and ``response_target_batches`` per domain for ∇L(θ_end); targets: each domain and
-       the training mix at the window's end. The replay is checked against the window's last checkpoint.
+       batch size / K); targets: each domain and the training mix at the window's end, measured on the
+       run's own validation batches (``eval_batches`` of ``batch_size``: the loss it logs; a held-out loss
+       responds to the schedule differently from the training loss, docs/design.md §1b), or, with
+       ``response_target_batches`` = n, on n fresh training-split batches per domain and group. The
+       replay is checked against the window's last checkpoint.
     4. **Recommendations** (:func:`recommendations`).
 
     ``distributed=True`` under torchrun (every rank calls this with the same arguments): both estimators
@@ -804,10 +810,13 @@ def audit_run(
     run = Path(run_dir)
     for name, v, lo in (("grad_batches", grad_batches, 1), ("hvp_batches", hvp_batches, 1),
                         ("groups", groups, 2), ("response_groups", response_groups, 2),
-                        ("response_target_batches", response_target_batches, 1),
                         ("response_bins", response_bins, 1), ("lambda_iters", lambda_iters, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise CommuteError(f"{name} must be a whole number >= {lo}, got {v!r}.")
+    if response_target_batches is not None and (isinstance(response_target_batches, bool) or not isinstance(
+            response_target_batches, int) or response_target_batches < 1):
+        raise CommuteError("response_target_batches must be a whole number >= 1 (or None: the run's "
+                           f"validation batches), got {response_target_batches!r}.")
     if grad_batches < 2 * groups or hvp_batches < groups:
         raise CommuteError(f"with {groups} groups, need grad_batches >= {2 * groups} and hvp_batches >= "
                            f"{groups} (got {grad_batches} and {hvp_batches}); lower groups or add batches.")
@@ -858,8 +867,8 @@ def audit_run(
     for a, b in chosen:
         reason = _skip_reason(states[a], states[b])
         rbs = int(response_batch_size or max(1, int(states[b]["config"]["batch_size"]) // len(names)))
-        rsettings = {"groups": response_groups, "batch_size": rbs, "target_batches": response_target_batches,
-                     "seed": seed, "dtype_device": dev.type}
+        rsettings = {"groups": response_groups, "batch_size": rbs, "seed": seed, "dtype_device": dev.type,
+                     "target": "val" if response_target_batches is None else response_target_batches}
         key = _hash({"kind": "response", "files": [states[a].get("files"), states[b].get("files")],
                      **rsettings})
         cpath = cache / f"response_{steps[a]:08d}_{steps[b]:08d}_{key}.json"

@@ -262,6 +262,8 @@ def test_cli_json_schema_and_a_cached_rerun_does_no_estimation(run, tmp_path, ca
     for key in ("G", "stderr", "bins", "window_sums", "best_shift", "replay", "targets", "weights", "lrs"):
         assert key in w, key
     assert all(len(w["G"][t][k]) == 4 for t in w["G"] for k in "abc")
+    # by default the targets are the run's own validation batches (eval_batches of them), not training draws
+    assert w["target_data"] == {"a": 4, "b": 4, "c": 4} and w["target_batches"] == 0
 
     def boom(*a, **k):
         raise AssertionError("estimated again instead of reading the cache")
