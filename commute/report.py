@@ -398,7 +398,9 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         "Observed: the antisymmetric excess (EL^12 − EL^21)/2, mean ± stderr over the replicates; a cell "
         "(arm, t0, Δw, target) counts only where that mean is significant (two-sided 95 % Student-t, R − 1 "
         "dof). Predictors, each with its stderr: the schedule's **linear response** Σ_t δw(t)·G(t) "
-        "(docs/design.md §1b; G estimated along the replayed base window), the **bracket** γ²ΔwT²P "
+        "(docs/design.md §1b; G estimated along the replayed base window, the mean over the replays with "
+        "`response.trajectories` > 1, with L measured on the same validation batches as the observation), "
+        "the **bracket** γ²ΔwT²P "
         "(second order in γT), the **first-order alignment** (the response without curvature: the target "
         "gradient at the window's end against each step's domain gradients) and the **recency rule** (the "
         "domain boosted last ends better; sign only).",
