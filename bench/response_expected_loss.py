@@ -8,7 +8,7 @@ prediction is :class:`commute.response.ResponseEstimator` along ``--paths`` inde
 window (each its own training batches, 2 groups of fresh batches), their mean +- stderr, beside the median
 path, the spread of single paths and the no-curvature alignment baseline.
 
-    python bench/response_expected_loss.py                                  # T = 5, 20, 50 (~5 min)
+    python bench/response_expected_loss.py                                  # T = 5, 20, 50 (~3 min)
     python bench/response_expected_loss.py --lr 0.5 --betas 0.9,0.95 --T 50 --sparse 0.02
 """
 
