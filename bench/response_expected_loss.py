@@ -2,11 +2,13 @@
 
 Two regression domains (x ~ N(0, S_k) with condition number ``--cond``, optionally a rare-feature block in
 the second domain, y = x.beta_k + noise), trained by Adam (or SGD) on exact-composition batches of B rows from
-one warm checkpoint. The truth is Monte Carlo: (E L(theta12) - E L(theta21)) / 2 per unit dw for 1 and 4 rows
-moved between the domains in the eq. (9) swap, ``--R`` replicates vectorised with common random numbers. The
-prediction is :class:`commute.response.ResponseEstimator` along ``--paths`` independent replays of the base
-window (each its own training batches, 2 groups of fresh batches), their mean +- stderr, beside the median
-path, the spread of single paths and the no-curvature alignment baseline.
+one warm checkpoint. The truth is Monte Carlo of the real map (commute's ``optimizer_step``, torch's
+arithmetic; tests/test_response_estimator.py writes Adam out by hand): (E L(theta12) - E L(theta21)) / 2 per
+unit dw for 1 and 4 rows moved between the domains in the eq. (9) swap, ``--R`` replicates vectorised with
+common random numbers; the sampling-noise channel is left out of the prediction. The prediction is
+:class:`commute.response.ResponseEstimator` along ``--paths`` independent replays of the base window (each
+its own training batches, 2 groups of fresh batches), their mean +- stderr, beside the median path, the
+spread of single paths and the no-curvature alignment baseline.
 
     python bench/response_expected_loss.py                                  # T = 5, 20, 50 (~3 min)
     python bench/response_expected_loss.py --lr 0.5 --betas 0.9,0.95 --T 50 --sparse 0.02
@@ -33,7 +35,7 @@ class Problem:
 
     def __init__(self, d: int, cond: float, sparse: float, noise: float, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.d, self.noise, self.gen = d, noise, g
+        self.d, self.noise = d, noise
         self.keep = torch.ones(2, d, dtype=DT)
         self.keep[1, d // 2:] = sparse
         self.chol, self.S, self.beta = [], [], []

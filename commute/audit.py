@@ -556,7 +556,8 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     """:class:`commute.response.ResponseEstimator` over [step_a, step_b), replayed from ``ck_a`` on the run's
     own batches; also replays the window once more to measure how well it reproduces ``ck_b`` (several
     processes: the groups are split over the ranks; every rank replays). Targets: the run's validation
-    batches (the loss it logs), or with ``target_batches`` that many fresh training-split draws per group."""
+    batches (``eval_batches`` of ``batch_size``, the set its evaluation uses), or with ``target_batches``
+    that many fresh training-split draws per group."""
     from commute.data import MixtureSampler
     from commute.model import lm_loss
     from commute.response_estimator import ResponseEstimator
@@ -773,7 +774,8 @@ def audit_run(
        the checkpoint, the run's schedule, learning rates and optimiser state), with ``response_groups``
        groups of fresh batches of ``response_batch_size`` sequences per domain and step (default: the run's
        batch size / K); targets: each domain and the training mix at the window's end, measured on the
-       run's own validation batches (``eval_batches`` of ``batch_size``: the loss it logs; a held-out loss
+       run's validation batches (``eval_batches`` of ``batch_size``, at least 1: the set ``train`` evaluates
+       on unless it was given its own ``val_batches``; a held-out loss
        responds to the schedule differently from the training loss, docs/design.md §1b), or, with
        ``response_target_batches`` = n, on n fresh training-split batches per domain and group. The
        replay is checked against the window's last checkpoint.

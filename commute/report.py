@@ -92,6 +92,16 @@ def _frac(c: Mapping[str, Any], k: str, n: str) -> str:
     return f"{c[k]}/{c[n]}"
 
 
+def _response_target(data: Mapping[str, Any]) -> str:
+    """What the response's L was measured on, as a clause (older results, without ``target``: training)."""
+    rs = [r for a in data.get("arms", []) for r in a.get("responses", [])]
+    if not rs:
+        return ""
+    if all(r.get("target") == "val" for r in rs):
+        return ", L measured on the same validation batches as the observation"
+    return ", L from fresh training-split batches (not the validation loss the observation uses)"
+
+
 def _replay_md(data: Mapping[str, Any]) -> list[str]:
     """One sentence: how closely each response window's replay reproduced the base run (when measured)."""
     errs = [float(r["replay_rel_error"]) for a in data.get("arms", []) for r in a.get("responses", [])
@@ -399,8 +409,7 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         "(arm, t0, Δw, target) counts only where that mean is significant (two-sided 95 % Student-t, R − 1 "
         "dof). Predictors, each with its stderr: the schedule's **linear response** Σ_t δw(t)·G(t) "
         "(docs/design.md §1b; G estimated along the replayed base window, the mean over the replays with "
-        "`response.trajectories` > 1, with L measured on the same validation batches as the observation), "
-        "the **bracket** γ²ΔwT²P "
+        f"`response.trajectories` > 1{_response_target(data)}), the **bracket** γ²ΔwT²P "
         "(second order in γT), the **first-order alignment** (the response without curvature: the target "
         "gradient at the window's end against each step's domain gradients) and the **recency rule** (the "
         "domain boosted last ends better; sign only).",

@@ -469,7 +469,8 @@ class ResponseEstimator:
             target_batches: fresh batches per domain for grad L(theta_end), per group (default
                 ``batches_per_step``).
             target_data: domain -> a fixed list of batches on which the targets are *measured* (e.g. the
-                held-out batches an evaluation reports): L_k is then the mean loss over that list and
+                held-out batches an evaluation reports): L_k is then the mean of the batches' mean losses
+                (batches weighted equally) and
                 grad L(theta_end) its exact gradient, the same in every group, instead of ``target_batches``
                 fresh draws from ``streams`` (the training distribution). Give it whenever the loss you will
                 compare with is a held-out one: the response of the training-split loss to the schedule is
@@ -534,6 +535,7 @@ class ResponseEstimator:
         loss_groups = np.full((G, K), np.nan)
         world = estimate_world(distributed, self.device)
         split = GroupSplit(G, world)
+        end_fixed: tuple[dict[int, list[Tensor]], dict[int, float]] | None = None
         counters0 = self._counters()
         t_begin = time.perf_counter()
         t_replay, counters1, train_losses = 0.0, counters0, []
@@ -551,20 +553,19 @@ class ResponseEstimator:
                         self._next(d, iters[d], used)
                     continue
                 # grad L(theta_end) per target, from fresh batches
-                q = tuple(x.detach().requires_grad_(True) for x in p_end)
-                gk_end: dict[int, list[Tensor]] = {k: [torch.zeros_like(x) for x in q] for k in in_targets}
-                lsum = dict.fromkeys(in_targets, 0.0)
-                for k in in_targets:
-                    d = domains[k]
-                    draws = (fixed[d] if fixed is not None
-                             else [self._next(d, iters[d], used) for _ in range(bt)])
-                    for batch in draws:
-                        loss = self._loss(self._eval, f"domain {d!r}", batch, q)
-                        lsum[k] += float(loss.detach())
-                        _accumulate(gk_end[k], self._grad(loss, q), 1.0 / len(draws))
-                    loss_groups[g, k] = lsum[k] / len(draws)
+                if fixed is None or end_fixed is None:
+                    draws: dict[str, list[Any]] = {domains[k]: [] for k in in_targets}
+                    for _ in range(bt):  # fresh: for each batch index, every domain in turn
+                        for k in in_targets:
+                            draws[domains[k]].append(self._next(domains[k], iters[domains[k]], used))
+                    end = self._target_gradients(p_end, fixed or draws, in_targets, domains)
+                    if fixed is not None:
+                        end_fixed = end  # exact and the same in every group: computed once
+                else:
+                    end = end_fixed
+                gk_end, lends = end
+                loss_groups[g, in_targets] = [lends[k] for k in in_targets]
                 lam_end = [_combine(W[i], gk_end) for i in range(M)]
-                del gk_end
                 lam = [(lam_end[i], _zeros(m_end), _zeros(v_end)) for i in range(M)]
                 for t in range(n - 1, -1, -1):
                     lam = self._step_back(t, traj[t], ws[t], lrs[t], lam, lam_end, iters, used, b, noise_set,
@@ -617,6 +618,20 @@ class ResponseEstimator:
             replay_seconds=t_replay,
             meta=meta,
         )
+
+    def _target_gradients(self, p_end: Leaves, batches: Mapping[str, list[Any]], in_targets: Sequence[int],
+                          domains: Sequence[str]) -> tuple[dict[int, list[Tensor]], dict[int, float]]:
+        """grad L_k(theta_end) and L_k(theta_end) for the target domains: the mean over ``batches[d]``."""
+        q = tuple(x.detach().requires_grad_(True) for x in p_end)
+        grads: dict[int, list[Tensor]] = {k: [torch.zeros_like(x) for x in q] for k in in_targets}
+        losses = dict.fromkeys(in_targets, 0.0)
+        for k in in_targets:
+            d = domains[k]
+            for batch in batches[d]:
+                loss = self._loss(self._eval, f"domain {d!r}", batch, q)
+                losses[k] += float(loss.detach()) / len(batches[d])
+                _accumulate(grads[k], self._grad(loss, q), 1.0 / len(batches[d]))
+        return grads, losses
 
     @staticmethod
     def _target_data(target_data: Mapping[str, Sequence[Any]] | None,
@@ -874,7 +889,7 @@ class ResponseReport(JsonRoundTrip):
     optimizer: str
     n_groups: int
     batches_per_step: int
-    target_batches: int
+    target_batches: int  # fresh draws per domain per group; 0 when the targets were on ``target_data``
     train_losses: list[float] = field(default_factory=list)
     n_grad: int = 0
     n_graph: int = 0
@@ -935,7 +950,8 @@ class ResponseReport(JsonRoundTrip):
         return Estimate.from_samples(self.samples(target, baseline)[:, self._index(domain), int(step)])
 
     def loss(self, target: str | Mapping[str, float]) -> Estimate:
-        """L(theta_end) of ``target`` from its gradient batches (not a held-out evaluation)."""
+        """L(theta_end) of ``target`` on the batches its gradient came from: fresh training draws per group,
+        or the fixed ``target_data`` set (then the same in every group, stderr 0)."""
         c = self._coefficients(target) @ self.target_weights
         used = np.flatnonzero(c)
         return Estimate.from_samples(self.loss_groups[:, used] @ c[used])

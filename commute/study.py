@@ -563,7 +563,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
             return Estimate(statistics.fmean(x), statistics.stdev(x) / math.sqrt(len(x)), len(x)).to_dict()
 
         combined = {k: {p: over(k, p) for p in ("response", "alignment")} for k in names}
-    out = {"step": t0, "n_groups": rc.n_groups, "batch_size": rc.batch_size, "trajectories": rc.trajectories,
+    out = {"step": t0, "target": "val", "n_groups": rc.n_groups, "batch_size": rc.batch_size,
+           "trajectories": rc.trajectories,
            "batches_per_step": rc.batches_per_step, "noise": bool(noise), "n_hvp": n_hvp, "seconds": seconds,
            "replay_rel_error": replay_error, "unit": combined}
     if len(per) > 1:
