@@ -463,6 +463,8 @@ def test_response_targets_the_observed_validation_loss(tmp_path: Path,
         base_end = next(c for c in res.data["arms"][0]["base_curve"] if c["step"] == 8)
         assert rep.loss(k).mean == pytest.approx(base_end["L"][k], rel=1e-4)
         assert rep.loss(k).stderr == 0  # an exact target: the same in every group
+    assert all(r["target"] == "val" for r in res.data["arms"][0]["responses"])
+    assert "L measured on the same validation batches as the observation" in res.report_path.read_text()
 
 
 def test_study_cli_report_rerender(tmp_path: Path) -> None:
