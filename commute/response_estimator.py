@@ -552,17 +552,18 @@ class ResponseEstimator:
                     for d in [domains[k] for _ in range(bt) for k in in_targets] + [*domains] * (n * b):
                         self._next(d, iters[d], used)
                     continue
-                # grad L(theta_end) per target, from fresh batches
-                if fixed is None or end_fixed is None:
+                # grad L(theta_end) per target: on target_data (exact, the same in every group: computed
+                # once), else from fresh batches
+                if end_fixed is not None:
+                    end = end_fixed
+                elif fixed is not None:
+                    end = end_fixed = self._target_gradients(p_end, fixed, in_targets, domains)
+                else:
                     draws: dict[str, list[Any]] = {domains[k]: [] for k in in_targets}
-                    for _ in range(bt):  # fresh: for each batch index, every domain in turn
+                    for _ in range(bt):  # for each batch index, every domain in turn
                         for k in in_targets:
                             draws[domains[k]].append(self._next(domains[k], iters[domains[k]], used))
-                    end = self._target_gradients(p_end, fixed or draws, in_targets, domains)
-                    if fixed is not None:
-                        end_fixed = end  # exact and the same in every group: computed once
-                else:
-                    end = end_fixed
+                    end = self._target_gradients(p_end, draws, in_targets, domains)
                 gk_end, lends = end
                 loss_groups[g, in_targets] = [lends[k] for k in in_targets]
                 lam_end = [_combine(W[i], gk_end) for i in range(M)]
