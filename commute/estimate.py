@@ -266,6 +266,22 @@ def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
 # --------------------------------------------------------------------------------------------------
 # the estimator
 # --------------------------------------------------------------------------------------------------
+def check_target_data(target_data: Mapping[str, Sequence[Any]] | None,
+                      needed: Sequence[str]) -> dict[str, list[Any]] | None:
+    """``target_data`` checked: a non-empty list of batches for every domain a target needs (None: off)."""
+    if target_data is None:
+        return None
+    if not isinstance(target_data, Mapping):
+        raise CommuteError("target_data must map each target domain to a list of batches.")
+    out = {}
+    for d in needed:
+        x = target_data.get(d)
+        if isinstance(x, (str, bytes)) or not isinstance(x, Sequence) or len(x) == 0:
+            raise CommuteError(f"target_data needs a non-empty list of batches for domain {d!r}.")
+        out[d] = list(x)
+    return out
+
+
 class BracketEstimator:
     """Unbiased estimates of P(L_i, L_j; L) for all ordered domain pairs and targets, with a stderr.
 
@@ -390,6 +406,7 @@ class BracketEstimator:
         *,
         n_groups: int = 10,
         mode: Mode = "auto",
+        target_data: Mapping[str, Sequence[Any]] | None = None,
         progress: bool = False,
         distributed: bool = False,
     ) -> BracketReport:
@@ -407,6 +424,11 @@ class BracketEstimator:
             n_groups: G independent groups; stderr = std over groups / sqrt(G) (see the module docstring).
             mode: ``"pairs"`` (K(K-1) HVPs per HVP batch, any target afterwards), ``"targets"`` (K*M HVPs),
                 or ``"auto"`` for the fewer.
+            target_data: domain -> a fixed list of batches (a held-out set: the loss an evaluation
+                reports). The target's L_k is then the mean loss over those batches and g_L its exact
+                gradient, computed once and the same in every group (no A half: all of a group's gradient
+                batches go to the B half); every domain of a target is needed, every domain in ``"pairs"``
+                mode. The stderr is then conditional on that set, which is the target itself.
             progress: show a rich progress bar on stderr.
             distributed: split the groups over the processes of a torchrun run (every rank must call this
                 with the same model weights, domains and arguments; the process group is joined from the
@@ -419,7 +441,7 @@ class BracketEstimator:
                 the plain estimate.
 
         Each batch of a domain is used exactly once: in group g, for each domain, first the A batches,
-        then the B batches, then the HVP batches.
+        then the B batches, then the HVP batches (with ``target_data``, B takes the A batches' place).
         """
         names = self.domain_names
         K = len(names)
@@ -439,6 +461,7 @@ class BracketEstimator:
                                f"(got {n_grad_batches} and {n_hvp_batches}); lower n_groups or add batches.")
         W = np.stack([_weights_vector(w, names, f"target {t!r}") for t, w in named_targets.items()])  # [M, K]
         basis = np.eye(K) if mode == "pairs" else W  # the targets stored per group
+        fixed = check_target_data(target_data, [d for k, d in enumerate(names) if np.any(basis[:, k] != 0)])
         T = basis.shape[0]
         p_groups = np.zeros((G, K, K, T))
         loss_groups = np.zeros((G, K))
@@ -460,12 +483,13 @@ class BracketEstimator:
             self.model.eval()
             stack.callback(_restore_modes, modes)
             with split.share():  # an error here reaches the other ranks at split.settle
+                held = None if fixed is None else self._held_out_gradients(names, fixed)
                 for g in range(G):
                     if g not in split:  # another rank's group: its batches are drawn and left to that rank
                         self._skip(names, iters, used, per_group)
                     else:
                         p_groups[g], loss_groups[g] = self._group(names, iters, used, n_half, n_h, mode, W,
-                                                                  T, bar.advance)
+                                                                  T, bar.advance, held)
         if world.enabled:
             split.settle("bracket estimate")
             p_groups = world.all_sum(p_groups)
@@ -478,6 +502,8 @@ class BracketEstimator:
         seconds = time.perf_counter() - t0
         meta: dict[str, Any] = {"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                                 "n_params": self.n_params}
+        if fixed is not None:
+            meta["target_data"] = {d: len(x) for d, x in fixed.items()}
         if world.enabled:
             n_hvp, n_grad = (int(x) for x in world.all_sum([n_hvp, n_grad]))
             seconds = float(world.all_max([seconds])[0])
@@ -512,17 +538,35 @@ class BracketEstimator:
                                        "infinite iterator or more batches, or ask for fewer.") from None
                 used[name] += 1
 
+    def _held_out_gradients(self, names: Sequence[str], fixed: Mapping[str, list[Any]]) -> list[list[Tensor]]:
+        """The exact gradient of each domain's mean loss over its ``target_data`` batches (zeros where a
+        domain is in no target)."""
+        out = []
+        for name in names:
+            acc = [torch.zeros_like(p) for p in self.params]
+            for i, batch in enumerate(fixed.get(name, [])):
+                loss = self._loss(f"{name} (target_data)", iter([batch]), i)
+                for a, g in zip(acc, self._grad(loss), strict=True):
+                    a.add_(g, alpha=1.0 / len(fixed[name]))
+            out.append(acc)
+        return out
+
     def _group(self, names: Sequence[str], iters: Mapping[str, Iterator[Any]], used: dict[str, int],
-               n_half: int, n_h: int, mode: str, W: np.ndarray, T: int,
-               advance: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
-        """One group's P samples ``[K, K, T]`` and mean gradient-batch losses ``[K]``."""
+               n_half: int, n_h: int, mode: str, W: np.ndarray, T: int, advance: Callable[[], None],
+               held: list[list[Tensor]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One group's P samples ``[K, K, T]`` and mean gradient-batch losses ``[K]``; ``held``: the target
+        gradients from ``target_data`` (then every gradient batch goes to B)."""
         K, M = len(names), W.shape[0]
         loss_g = np.zeros(K)
         A, B = [], []
         for k, name in enumerate(names):
             losses: list[float] = []
-            A.append(self._mean_grad(name, iters[name], n_half, used[name], losses, advance))
-            B.append(self._mean_grad(name, iters[name], n_half, used[name] + n_half, losses, advance))
+            if held is None:
+                A.append(self._mean_grad(name, iters[name], n_half, used[name], losses, advance))
+                B.append(self._mean_grad(name, iters[name], n_half, used[name] + n_half, losses, advance))
+            else:
+                A.append(held[k])
+                B.append(self._mean_grad(name, iters[name], 2 * n_half, used[name], losses, advance))
             used[name] += 2 * n_half
             loss_g[k] = float(np.mean(losses))
         # S[t, j, i] = mean_h  c_t-target-gradient^A . H_j^h g_i^B  (i != j)

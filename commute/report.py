@@ -62,9 +62,11 @@ def _e(x: Any) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    """A markdown table; a ``|`` inside a cell (e.g. ``|pred|``) is escaped so it does not split the cell."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)])
 
 
 def _arm_name(arm: Mapping[str, Any]) -> str:
@@ -83,7 +85,9 @@ def _lambda_op(arm: Mapping[str, Any]) -> str:
 def _summary(data: Mapping[str, Any]) -> dict[str, Any]:
     """The stored summary if it has the current keys, else a fresh :func:`summarise`."""
     s = data.get("summary")
-    if not s or "predictions_right" not in (s.get("all") or {}) or "significance" not in s:
+    resp = (((s or {}).get("predictors") or {}).get("groups") or {}).get("all", {}).get("response", {})
+    if not s or "predictions_right" not in (s.get("all") or {}) or "significance" not in s \
+            or ("n_with_se" in resp and "spearman_confident" not in resp):
         s = summarise(data)
     return dict(s)
 
@@ -100,6 +104,16 @@ def _response_target(data: Mapping[str, Any]) -> str:
     if all(r.get("target") == "val" for r in rs):
         return ", L measured on the same validation batches as the observation"
     return ", L from fresh training-split batches (not the validation loss the observation uses)"
+
+
+def _bracket_target(data: Mapping[str, Any]) -> str:
+    """What the bracket's target gradient was measured on, as a clause (older results: training draws)."""
+    cs = [c for a in data.get("arms", []) for c in a.get("checkpoints", [])]
+    if not cs:
+        return ""
+    if all(c.get("target") == "val" for c in cs):
+        return "; g_L on the same validation batches"
+    return "; g_L from training-split batches"
 
 
 def _replay_md(data: Mapping[str, Any]) -> list[str]:
@@ -278,13 +292,16 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
     pr = s.get("predictors") or {}
     groups = pr.get("groups", {})
     header = ["cells", "predictor", "significant cells", "sign right", "Spearman ρ", "median obs/pred",
-              "worst fold off", "sign right where |pred| > 2 se", "obs within 2 se of pred"]
+              "worst fold off", "where |pred| > 2 se: sign · ρ · obs/pred · worst", "obs within 2 se of pred"]
     rows = []
     for g, by in groups.items():
         for p, sc in by.items():
             if sc["n"] == 0 and p != "recency":
                 continue
-            conf = (f"{sc['sign_right_confident']}/{sc['n_confident']}" if sc.get("n_with_se") else "–")
+            conf = ("–" if not sc.get("n_with_se") else "0/0" if not sc["n_confident"] else
+                    f"{sc['sign_right_confident']}/{sc['n_confident']} · "
+                    f"{_f(sc['spearman_confident'], '.2f')} · {_f(sc['median_ratio_confident'], '.2g')} · "
+                    f"{_f(sc['max_fold_confident'], '.2g')}")
             within = (f"{sc['within_2se']}/{sc['n_with_se']}" if sc.get("n_with_se") else "–")
             rows.append([g, PREDICTOR_NAMES.get(p, p), str(sc["n"]),
                          f"{sc['sign_right']}/{sc['n']}" if sc["n"] else "–", _f(sc["spearman"], ".2f"),
@@ -323,7 +340,11 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
     if "response" in pr and pr["response"].get("n_with_se"):
         r = pr["response"]
         out[0] += (f". Does the response's stderr tell the truth? Where its prediction is itself beyond 2 "
-                   f"stderr its sign is right in {r['sign_right_confident']}/{r['n_confident']} cells, and "
+                   f"stderr its sign is right in {r['sign_right_confident']}/{r['n_confident']} cells"
+                   + (f" (there ρ = {_f(r['spearman_confident'], '.2f')}, median observed/predicted "
+                      f"{_f(r['median_ratio_confident'], '.2g')}, worst cell off by "
+                      f"{_f(r['max_fold_confident'], '.2g')}×)" if r["n_confident"] else "")
+                   + ", and "
                    f"the observation lies within 2 combined stderr of it in "
                    f"{r['within_2se']}/{r['n_with_se']} (compare the predictors with each other, not with "
                    f"95 %: both stderrs have few degrees of freedom, R − 1 and G − 1, and keeping only "
@@ -410,9 +431,9 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         "dof). Predictors, each with its stderr: the schedule's **linear response** Σ_t δw(t)·G(t) "
         "(docs/design.md §1b; G estimated along the replayed base window, the mean over the replays with "
         f"`response.trajectories` > 1{_response_target(data)}), the **bracket** γ²ΔwT²P "
-        "(second order in γT), the **first-order alignment** (the response without curvature: the target "
-        "gradient at the window's end against each step's domain gradients) and the **recency rule** (the "
-        "domain boosted last ends better; sign only).",
+        f"(second order in γT{_bracket_target(data)}), the **first-order alignment** (the response without "
+        "curvature: the target gradient at the window's end against each step's domain gradients) and the "
+        "**recency rule** (the domain boosted last ends better; sign only).",
         *_replay_md(data),
         "",
         *_trust_md(summary),

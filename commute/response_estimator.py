@@ -34,6 +34,7 @@ from commute.estimate import (
     _to_device,
     _weights_vector,
     check_loss,
+    check_target_data,
     check_token_ids,
     domain_index,
 )
@@ -527,7 +528,7 @@ class ResponseEstimator:
                                "group), not both.")
         noise_set = self._noise_setting(noise, train_batch_size, b)
         in_targets = [k for k in range(K) if np.any(W[:, k] != 0)]
-        fixed = self._target_data(target_data, [domains[k] for k in in_targets])
+        fixed = check_target_data(target_data, [domains[k] for k in in_targets])
         if fixed is not None:
             bt = 0
         g_groups = np.zeros((G, M, K, n))
@@ -633,22 +634,6 @@ class ResponseEstimator:
                 losses[k] += float(loss.detach()) / len(batches[d])
                 _accumulate(grads[k], self._grad(loss, q), 1.0 / len(batches[d]))
         return grads, losses
-
-    @staticmethod
-    def _target_data(target_data: Mapping[str, Sequence[Any]] | None,
-                     needed: Sequence[str]) -> dict[str, list[Any]] | None:
-        """``target_data`` checked: a non-empty list of batches for every domain a target needs."""
-        if target_data is None:
-            return None
-        if not isinstance(target_data, Mapping):
-            raise CommuteError("target_data must map each target domain to a list of batches.")
-        out = {}
-        for d in needed:
-            x = target_data.get(d)
-            if isinstance(x, (str, bytes)) or not isinstance(x, Sequence) or len(x) == 0:
-                raise CommuteError(f"target_data needs a non-empty list of batches for domain {d!r}.")
-            out[d] = list(x)
-        return out
 
     def _noise_setting(self, noise: str | None, train_batch_size: int | None,
                        b: int) -> tuple[str, int] | None:

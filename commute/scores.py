@@ -208,10 +208,11 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str,
     ``median_ratio`` (median observed/predicted); ``max_fold`` (the largest of |obs/pred| and |pred/obs|: how
     far the worst cell's magnitude is off, whatever its sign). Where the stderrs are given, does the predictor
     tell the truth about its uncertainty: ``n_confident`` / ``sign_right_confident`` (cells whose prediction
-    is itself beyond 2 stderr, and how many of those have the right sign) and ``within_2se`` (cells where
+    is itself beyond 2 stderr, and how many of those have the right sign), ``spearman_confident``,
+    ``median_ratio_confident`` and ``max_fold_confident`` (the same scores on those cells only: what a user
+    who acts only on confident predictions gets) and ``within_2se`` (cells where
     |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²), of ``n_with_se``). ``magnitude=False`` (a sign-only
     predictor): counts only."""
-    from scipy.stats import spearmanr
 
     def fin(x: Any) -> bool:
         return x is not None and math.isfinite(x)
@@ -225,19 +226,29 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str,
                            "spearman": math.nan, "median_ratio": math.nan, "max_fold": math.nan}
     if not magnitude:
         return out
-    if n >= 3 and len({p for p, *_ in rows}) > 1:
-        out["spearman"] = float(spearmanr([p for p, *_ in rows], [o for _, o, *_ in rows]).statistic)
-    mags = [(p, o) for p, o, *_ in rows if p != 0]
-    if mags:
-        r = [o / p for p, o in mags]
-        out["median_ratio"] = float(np.median(r))
-        out["max_fold"] = float(max(max(abs(x), 1 / abs(x)) if x != 0 else math.inf for x in r))
+    out.update(_magnitudes([(p, o) for p, o, *_ in rows], ""))
     with_se = [(p, o, float(sp), float(so)) for p, o, sp, so in rows if fin(sp) and fin(so)]
     confident = [(p, o) for p, o, sp, _ in with_se if abs(p) > 2 * sp]
     out.update(n_with_se=len(with_se), n_confident=len(confident),
                sign_right_confident=sum(p * o > 0 for p, o in confident),
                within_2se=sum(abs(o - p) <= 2 * math.hypot(sp, so) for p, o, sp, so in with_se))
+    out.update(_magnitudes(confident, "_confident"))
     return out
+
+
+def _magnitudes(rows: Sequence[tuple[float, float]], suffix: str) -> dict[str, float]:
+    """``spearman``, ``median_ratio`` and ``max_fold`` (see :func:`score`) of (predicted, observed) pairs,
+    NaN where undefined (Spearman: fewer than 3 cells or constant predictions), keys ending in ``suffix``."""
+    from scipy.stats import spearmanr
+
+    out = {"spearman": math.nan, "median_ratio": math.nan, "max_fold": math.nan}
+    if len(rows) >= 3 and len({p for p, _ in rows}) > 1:
+        out["spearman"] = float(spearmanr([p for p, _ in rows], [o for _, o in rows]).statistic)
+    r = [o / p for p, o in rows if p != 0]
+    if r:
+        out["median_ratio"] = float(np.median(r))
+        out["max_fold"] = float(max(max(abs(x), 1 / abs(x)) if x != 0 else math.inf for x in r))
+    return {k + suffix: v for k, v in out.items()}
 
 
 def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -178,6 +178,7 @@ class CheckpointEstimate:
     lambda_max: float
     lambda_of: str
     gamma_eff: float | None = None
+    target: str | None = None  # "val": the target loss on the validation batches (None: older results)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"step": self.step, "L": self.L, "P": self.P, "lr": self.lr, "n_hvp": self.n_hvp,
@@ -185,13 +186,15 @@ class CheckpointEstimate:
         if self.gamma_eff is not None:
             d["gamma_eff"] = self.gamma_eff
         d.update({"lambda_max": self.lambda_max, "lambda_of": self.lambda_of})
+        if self.target is not None:
+            d["target"] = self.target
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CheckpointEstimate:
         return cls(step=int(d["step"]), L=dict(d["L"]), P=dict(d["P"]), lr=float(d["lr"]),
                    n_hvp=int(d["n_hvp"]), gamma=float(d["gamma"]), lambda_max=float(d["lambda_max"]),
-                   lambda_of=str(d["lambda_of"]), gamma_eff=d.get("gamma_eff"))
+                   lambda_of=str(d["lambda_of"]), gamma_eff=d.get("gamma_eff"), target=d.get("target"))
 
 
 @dataclass
@@ -434,11 +437,13 @@ def run_branches(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
 # --------------------------------------------------------------------------------------------------
 # stage 3: P, λ_max and γ at every checkpoint
 # --------------------------------------------------------------------------------------------------
-def _estimate_at(arm: Arm, domains: Mapping[str, Any], step: int, L: dict[str, float]) -> dict[str, Any]:
+def _estimate_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]], step: int,
+                 L: dict[str, float]) -> dict[str, Any]:
     """At the base checkpoint ``step``: the bracket's prediction per unit Δw for every target domain,
     P = P(X, Y; L_i) with X = L_1 − L_2, Y = Σ_k w_k L_k (Cor. 3.2a; = P(L_1, L_2; L_i) for two domains),
-    from :class:`commute.estimate.BracketEstimator`; λ_max of the training mix on one fixed batch per
-    domain; γ (and γ_eff for Adam)."""
+    from :class:`commute.estimate.BracketEstimator` with L_i the loss the observation measures (the fixed
+    validation batches ``val``, ``target_data``); λ_max of the training mix on one fixed batch per domain;
+    γ (and γ_eff for Adam)."""
     from commute.bracket import grad
     from commute.estimate import BracketEstimator
     from commute.model import lm_loss
@@ -452,7 +457,8 @@ def _estimate_at(arm: Arm, domains: Mapping[str, Any], step: int, L: dict[str, f
     seed = cfg.seed * 1_000_003 + step
     streams = {k: domains[k].batches(cfg.est_batch_size, cfg.seq_len, seed=seed) for k in names}
     rep = BracketEstimator(model, lm_loss, streams).estimate(
-        cfg.n_grad_batches, cfg.n_hvp_batches, targets=list(names), n_groups=cfg.n_groups)
+        cfg.n_grad_batches, cfg.n_hvp_batches, targets=list(names), n_groups=cfg.n_groups,
+        target_data={k: val[k] for k in names})
     if len(names) == 2:
         P = {k: rep.P(d1, d2, k).to_dict() for k in names}
     else:  # P(X, Y; L), X = L_1 − L_2, Y = the base mix (Cor. 3.2a), from the same groups
@@ -470,23 +476,23 @@ def _estimate_at(arm: Arm, domains: Mapping[str, Any], step: int, L: dict[str, f
         step=step, L=L, P=P, lr=arm.lr, n_hvp=rep.n_hvp,
         gamma=arm.lr,  # the γ of the prediction (see the module docstring)
         gamma_eff=None if D is None else gamma_eff(grad(mix, params), D, arm.lr),
-        lambda_max=lam, lambda_of="D^-1/2 H D^-1/2 (Adam)" if D is not None else "H",
+        lambda_max=lam, lambda_of="D^-1/2 H D^-1/2 (Adam)" if D is not None else "H", target="val",
     ).to_dict()
 
 
-def estimate_checkpoints(arm: Arm, domains: Mapping[str, Any], base: Mapping[int, BasePoint],
-                         bar: Progress) -> list[CheckpointEstimate]:
+def estimate_checkpoints(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
+                         base: Mapping[int, BasePoint], bar: Progress) -> list[CheckpointEstimate]:
     """:func:`_estimate_at` at every t0 and extra P step (cached by the estimator's settings)."""
     cfg = arm.cfg
     est_key = config_hash([cfg.n_grad_batches, cfg.n_hvp_batches, cfg.est_batch_size, cfg.n_groups,
-                           cfg.lambda_iters, cfg.lambda_batch_size])
+                           cfg.lambda_iters, cfg.lambda_batch_size, "target: val"])
     out = []
     for step in sorted({*cfg.t0s, *cfg.extra_p_steps}):
         path = arm.cache / f"P_{step:08d}_{est_key}.json"
         if not path.is_file():
             bar.describe(f"{arm.label}: P and λ_max at step {step}")
         out.append(CheckpointEstimate.from_dict(
-            _cached(path, lambda step=step: _estimate_at(arm, domains, step, base[step].L))))
+            _cached(path, lambda step=step: _estimate_at(arm, domains, val, step, base[step].L))))
     return out
 
 
@@ -673,7 +679,7 @@ def run_arm(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]
     run_base(arm, domains, bar)
     base = evaluate_base(arm, val)
     cells = run_branches(arm, domains, val, base, bar, log)
-    estimates = estimate_checkpoints(arm, domains, base, bar)
+    estimates = estimate_checkpoints(arm, domains, val, base, bar)
     responses = estimate_response(arm, domains, val, bar)
     return ArmResult(optimizer=arm.optimizer, variant=arm.variant.name, base=dict(arm.variant.base),
                      lr=arm.lr, T=arm.cfg.T, gamma_rule=_GAMMA_RULE[arm.optimizer], run_dir=str(arm.run_dir),

@@ -212,6 +212,45 @@ def _repeat(batch):
         yield batch
 
 
+@pytest.mark.parametrize("mode", ["pairs", "targets"])
+def test_target_data_is_the_held_out_loss(mode: str) -> None:
+    """``target_data``: g_L is the exact gradient of the mean loss over a fixed held-out set (the same in
+    every group); with one fixed training batch per domain P is exactly bracket_projection with that
+    held-out loss as the target, and differs from the training target's. No A half is drawn."""
+    prob = Regression(K=2, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    fixed = {n: prob.sample(k, gen) for k, n in enumerate(prob.names)}
+    held = {n: [prob.sample(k, gen), prob.sample(k, gen)] for k, n in enumerate(prob.names)}
+    drawn = dict.fromkeys(prob.names, 0)
+
+    def counting(n, b):
+        while True:
+            drawn[n] += 1
+            yield b
+
+    est = BracketEstimator(prob.model, prob.loss_fn, {n: counting(n, b) for n, b in fixed.items()})
+    rep = est.estimate(8, 4, ["a", "mix"], n_groups=4, mode=mode, target_data=held)
+    assert rep.meta["target_data"] == {"a": 2, "b": 2} and drawn == {"a": 12, "b": 12}  # 8 B + 4 HVP each
+    plain = est.estimate(8, 4, ["a", "mix"], n_groups=4, mode=mode)
+
+    def batch_loss(batch):
+        X, y = batch
+        return lambda th: 0.5 * ((X @ th - y) ** 2).mean()
+
+    la, lb = batch_loss(fixed["a"]), batch_loss(fixed["b"])
+    ha = lambda th: 0.5 * sum(batch_loss(b)(th) for b in held["a"])  # noqa: E731
+    hb = lambda th: 0.5 * sum(batch_loss(b)(th) for b in held["b"])  # noqa: E731
+    for t, lt in [("a", ha), ("mix", lambda th: 0.5 * (ha(th) + hb(th)))]:
+        e = rep.P("a", "b", t)
+        assert e.mean == pytest.approx(bracket_projection(la, lb, lt, prob.theta), rel=1e-10)
+        assert e.stderr <= 1e-12 * abs(e.mean)
+        assert abs(plain.P("a", "b", t).mean - e.mean) > 0.05 * abs(e.mean)
+    with pytest.raises(CommuteError, match="non-empty list of batches for domain 'b'"):
+        est.estimate(8, 4, ["mix"], n_groups=4, mode=mode, target_data={"a": held["a"]})
+    with pytest.raises(CommuteError, match="map each target domain"):
+        est.estimate(8, 4, ["a"], n_groups=4, mode=mode, target_data=[held["a"]])
+
+
 # --------------------------------------------------------------------------------------------------
 # a tiny Hugging Face GPT-2 against finite differences
 # --------------------------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
     for needle in ("## Which predictor to trust", "## The bracket in detail", "EL^12", "EL^21",
                    "observed (EL^12−EL^21)/2 ± se (R)", "response ± se", "bracket ± se", "γTλ_max",
                    "Table 4 analogue", "Locality sweep", "Table 2", "Table 3", "adam / imbalanced (0.9, 0.1)",
-                   "linear response Σδw·G", "Spearman ρ"):
+                   "linear response Σδw·G", "Spearman ρ",
+                   "where \\|pred\\| > 2 se: sign · ρ · obs/pred · worst"):  # a cell's | escaped
         assert needle in md, needle
     for f in ("loss_planes.png", "pred_vs_obs.png", "locality.png", "predictors.png"):
         assert (tmp_path / f).stat().st_size > 10_000, f
@@ -122,6 +123,7 @@ def test_predictor_scores_against_an_independent_count() -> None:
     median and worst fold of observed/predicted, recomputed here with numpy."""
     data = _synthetic(3)
     sp = summarise(data)["predictors"]
+    partial = 0  # (group, predictor) pairs where the confident cells are a proper subset of 3 or more
     for group, keep in (("all", lambda arm, d: True), ("sgd", lambda arm, d: arm["optimizer"] == "sgd"),
                         ("all: L=ru", lambda arm, d: d == "ru")):
         cells = [pd for arm in data["arms"] for c in arm["cells"] for d, pd in c["per_domain"].items()
@@ -145,11 +147,23 @@ def test_predictor_scores_against_an_independent_count() -> None:
                 assert got["n_with_se"] == len(cells) and got["n_confident"] == int(conf.sum())
                 assert got["sign_right_confident"] == int((pred * obs > 0)[conf].sum())
                 assert got["within_2se"] == int((np.abs(obs - pred) <= 2 * np.sqrt(pse**2 + ose**2)).sum())
+                # the same scores on the confident cells only
+                pc, oc = pred[conf], obs[conf]
+                if conf.sum() >= 3:
+                    assert got["spearman_confident"] == pytest.approx(np.corrcoef(rank(pc), rank(oc))[0, 1])
+                    partial += conf.sum() < len(cells)
+                if conf.any():
+                    assert got["median_ratio_confident"] == pytest.approx(np.median(oc / pc))
+                    rc = np.abs(oc / pc)
+                    assert got["max_fold_confident"] == pytest.approx(max(rc.max(), (1 / rc).max()))
+                else:
+                    assert math.isnan(got["median_ratio_confident"])
             else:
                 assert math.isnan(got["median_ratio"]) and "within_2se" not in got
         # the synthetic response is off by up to 3x or in sign with a 20 % stderr: some cells are outside
         resp = sp["groups"][group]["response"]
         assert 0 < resp["within_2se"] < resp["n"] and resp["n_confident"] == resp["n"]
+    assert partial > 0
 
 
 def test_summary_checkpoint_criterion() -> None:
@@ -431,15 +445,16 @@ def test_response_over_trajectories_is_the_mean_of_per_trajectory_estimates(tmp_
         StudyConfig.from_dict({**one.to_dict(), "response": {"trajectories": 0}})
 
 
-def test_response_targets_the_observed_validation_loss(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The response's targets are the losses the observation measures: the study's fixed validation batches
-    (``target_data``), not fresh draws from the training split; the reported L(theta_end) is then the base
-    run's validation loss at t0 + 2T (the replay ends on that checkpoint)."""
+def test_predictors_target_the_observed_validation_loss(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The response's and the bracket's targets are the losses the observation measures: the study's fixed
+    validation batches (``target_data``), not fresh draws from the training split; the response's reported
+    L(theta_end) is then the base run's validation loss at t0 + 2T (the replay ends on that checkpoint)."""
+    import commute.estimate as est_mod
     import commute.response_estimator as re_mod
 
-    seen = []
-    real = re_mod.ResponseEstimator.estimate
+    seen, seen_p = [], []
+    real, real_p = re_mod.ResponseEstimator.estimate, est_mod.BracketEstimator.estimate
 
     def spy(self, *args, **kwargs):
         seen.append(kwargs.get("target_data"))
@@ -447,7 +462,12 @@ def test_response_targets_the_observed_validation_loss(tmp_path: Path,
         seen.append(rep)
         return rep
 
+    def spy_p(self, *args, **kwargs):
+        seen_p.append(kwargs.get("target_data"))
+        return real_p(self, *args, **kwargs)
+
     monkeypatch.setattr(re_mod.ResponseEstimator, "estimate", spy)
+    monkeypatch.setattr(est_mod.BracketEstimator, "estimate", spy_p)
     cfg = _micro_config(tmp_path)
     cfg = StudyConfig.from_dict({**cfg.to_dict(), "optimizers": ["adam"], "locality": {"enabled": False}})
     res = run_bilingual_study(config=cfg, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
@@ -456,10 +476,12 @@ def test_response_targets_the_observed_validation_loss(tmp_path: Path,
 
     doms = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=tmp_path / "cache")
     target_data, rep = seen
+    assert len(seen_p) == len({*cfg.t0s, *cfg.extra_p_steps}) >= 1  # one bracket estimate per P step
     for k in ("a", "b"):
         val = doms[k].val_batches(cfg.n_val_batches, cfg.val_batch_size, cfg.seq_len)
-        assert len(target_data[k]) == len(val)
-        assert all(torch.equal(x, y) for x, y in zip(target_data[k], val, strict=True))
+        for td in (target_data, *seen_p):
+            assert len(td[k]) == len(val)
+            assert all(torch.equal(x, y) for x, y in zip(td[k], val, strict=True))
         base_end = next(c for c in res.data["arms"][0]["base_curve"] if c["step"] == 8)
         assert rep.loss(k).mean == pytest.approx(base_end["L"][k], rel=1e-4)
         assert rep.loss(k).stderr == 0  # an exact target: the same in every group
