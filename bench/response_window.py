@@ -1,0 +1,112 @@
+"""Where in a window does the response come from, and is it the estimator's noise or the run's own map?
+
+One study window [t0, t0 + 2T) of a preset's base run (trained on first use, cached under --out), replayed
+under the study's replicate sampler seeds exactly as ``commute study`` does (trajectory r = replicate r),
+with the response Σ_t δw(t)·G(t) of the eq. (9) swap per unit Δw for every target, printed per estimator
+group, and the share of Σ_t |δw(t)·G(t)| in each quarter of the window (an adjoint that grows going back
+in time puts it in the first quarter). Two ways to get the per-step domain gradients and Hessians:
+
+* ``fresh`` (what the study uses): independent batches per group, the population linearisation along the
+  trajectory; groups of one trajectory differ only by those batches;
+* ``train``: the replayed training batch's own rows, split by domain, so the adjoint is the exact
+  derivative of the *realised* map (the pathwise derivative); every group is the same.
+
+If ``fresh`` groups disagree wildly while ``train`` is tame, the spread is the estimator's; if ``train``
+also varies by orders of magnitude from trajectory to trajectory, the run's own map expands perturbations
+over the window and any derivative-based prediction is heavy-tailed there.
+
+    python bench/response_window.py --preset small --t0 200 --trajectories 0,1,2,3 --batches train
+    python bench/response_window.py --preset tiny --t0 100 --groups 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from commute import study as S
+from commute.curvature import math_attention
+from commute.data import MixtureSampler
+from commute.model import lm_loss
+from commute.progress import Progress
+from commute.response import ResponseEstimator
+from commute.study_config import PRESETS, StudyConfig
+from commute.train import load_checkpoint, lr_at, param_group_names
+
+
+def _rows_backwards(batches: list, i: int, groups: int):
+    """Domain i's rows of each training batch, last step first, once per group."""
+    for _ in range(groups):
+        for b in reversed(batches):
+            yield b.input_ids[b.domain == i]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small"])
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    ap.add_argument("--variant", default="balanced")
+    ap.add_argument("--t0", type=int, default=200)
+    ap.add_argument("--trajectories", default="0,1", help="replicate indices (0: the run's own batches)")
+    ap.add_argument("--groups", type=int, default=2, help="estimator groups (fresh batches)")
+    ap.add_argument("--batches", default="fresh", choices=["fresh", "train"])
+    ap.add_argument("--out", default="reports/response_window", help="base run cache")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache-dir", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+
+    d = copy.deepcopy(PRESETS[a.preset])
+    d.update(optimizers=[a.optimizer], t0s=[a.t0], extra_p_steps=[], replicates=1)
+    d["variants"] = [v for v in d["variants"] if v["name"] == a.variant]
+    d["locality"]["enabled"] = False
+    cfg = StudyConfig.from_dict(d)
+    domains, val = S._load_data(cfg, a.cache_dir)
+    arm = S.Arm(cfg, a.optimizer, cfg.variants[0], Path(a.out), a.device)
+    with Progress(f"{arm.label}: base run", cfg.t0s[-1] + 2 * cfg.T) as bar:
+        S.run_base(arm, domains, bar)
+    rc, tc, names, n = cfg.response, arm.tc, list(cfg.domain_names), 2 * cfg.T
+    base, unit, G = dict(arm.variant.base), S._unit_delta(cfg), a.groups
+    print(f"{a.preset} {arm.label} t0={a.t0} T={cfg.T}: response per unit Δw, {a.batches} batches, "
+          f"{G} groups")
+    for r in (int(x) for x in a.trajectories.split(",")):
+        ck = load_checkpoint(arm.checkpoint(a.t0), device=a.device, with_optimizer=True)
+        saved = dict(ck.state["sampler"])
+        seed_r = S.replicate_seed(cfg.seed, a.t0, r)
+        if seed_r is not None:
+            saved["seed"] = seed_r
+
+        def sampler(saved: dict = saved) -> MixtureSampler:
+            s = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
+            s.load_state_dict(saved)
+            return s
+
+        seed = cfg.seed * 1_000_003 + a.t0 + 13 + 7919 * r  # the study's fresh streams
+        streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
+        if a.batches == "train":  # the estimator walks back step by step, group after group
+            tb = [b for s in [sampler()] for b in (s.next_batch(base) for _ in range(n))]
+            streams = {k: _rows_backwards(tb, i, G) for i, k in enumerate(names)}
+        train = sampler()
+        est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
+                                state=ck.optimizer_state, state_names=param_group_names(ck.model))
+        t = time.perf_counter()
+        with math_attention():
+            rep = est.estimate(lambda _, s=train: s.next_batch(base), [base] * n, targets=names, steps=n,
+                               start=a.t0, n_groups=G, target_data={k: val[k] for k in names}, progress=True)
+        delta = rep._delta(unit)
+        for k in names:
+            c = np.einsum("gkt,kt->gt", rep.samples(k), delta)  # per group, per step
+            q = np.abs(c).reshape(G, 4, -1).sum(-1)
+            share = q / q.sum(-1, keepdims=True)
+            print(f"  trajectory {r} L={k}: per group {np.array2string(c.sum(-1), precision=4)}; share of "
+                  f"|δw·G| by quarter (first..last) {np.array2string(share.mean(0), precision=3)}")
+        print(f"  trajectory {r}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
