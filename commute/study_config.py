@@ -240,7 +240,7 @@ class StudyConfig:
 #: ~60-80 ms per 20×64-token step here on one thread), T = 50, three t0s in the first 500 steps, the
 #: paper's balanced Δw grid and an imbalanced grid on multiples of 1/20 so that the ``exact`` sampler
 #: gives θ12, θ21 and the base exactly the same tokens per domain. ``small`` is a fuller reproduction
-#: (estimated ~2 h here, not measured); ``paper`` the paper's own settings (GPUs).
+#: (27 min on one H100 with ``jobs=4``; hours on this CPU); ``paper`` the paper's own settings (GPUs).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "preset": "tiny",

@@ -31,8 +31,8 @@ class _Opt(StrEnum):
 @study_app.command("run")
 @study_app.command("bilingual")
 def bilingual(
-    preset: _Preset = typer.Option(_Preset.tiny, help="tiny (~15 min on 2 CPU cores), small (~2 h), "
-                                   "paper (GPT-2 124M, T = 4000; for GPUs)."),
+    preset: _Preset = typer.Option(_Preset.tiny, help="tiny (~15 min on 2 CPU cores), small (27 min on one "
+                                   "H100, hours on CPU), paper (GPT-2 124M, T = 4000; for GPUs)."),
     out: Path = typer.Option(Path("reports/study"), "--out",
                              help="Report and run directory (re-runs resume)."),
     optimizer: _Opt = typer.Option(_Opt.both, help="Run Adam, SGD or both."),
