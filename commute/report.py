@@ -116,6 +116,31 @@ def _bracket_target(data: Mapping[str, Any]) -> str:
     return "; g_L from training-split batches"
 
 
+def _edge_md(data: Mapping[str, Any], pair: Sequence[str], arm: Mapping[str, Any] | None = None) -> list[str]:
+    """Where an intervention takes a domain's weight to 0 for T steps (Δw ≥ its base weight): the domain is
+    removed, and the observation can be far from first order in Δw (README, "What limits the response").
+    One sentence for one arm, or with ``arm=None`` a count over every arm's significant cells."""
+    def removed(a: Mapping[str, Any], dw: float) -> list[str]:
+        return [d for d in pair if float(a["base"].get(d, 0.0)) - float(dw) <= 1e-12]
+
+    why = ("the domain is removed, and the observation can be far from first order in Δw (README, \"What "
+           "limits the response\"): a first-order predictor's miss there is expected")
+    if arm is not None:
+        dws = sorted({float(c["delta_w"]) for c in arm.get("cells", []) if removed(arm, c["delta_w"])})
+        if not dws:
+            return []
+        doms = sorted({d for dw in dws for d in removed(arm, dw)})
+        return [f"Δw = {', '.join(f'{x:g}' for x in dws)} takes {', '.join(f'`{d}`' for d in doms)} to "
+                f"weight 0 for T steps in one phase: {why}.", ""]
+    sig = [(a, c) for a in data.get("arms", []) for c in a.get("cells", [])
+           for pd in c.get("per_domain", {}).values() if (pd.get("observed") or {}).get("significant")]
+    edge = sum(bool(removed(a, c["delta_w"])) for a, c in sig)
+    if not edge:
+        return []
+    return [f"{edge} of the {len(sig)} significant cells take a domain's weight to 0 for T steps (Δw at "
+            f"least its base weight): {why}.", ""]
+
+
 def _replay_md(data: Mapping[str, Any]) -> list[str]:
     """One sentence: how closely each response window's replay reproduced the base run (when measured)."""
     errs = [float(r["replay_rel_error"]) for a in data.get("arms", []) for r in a.get("responses", [])
@@ -437,6 +462,7 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         *_replay_md(data),
         "",
         *_trust_md(summary),
+        *_edge_md(data, (d1, d2)),
         _predictors_md(summary),
         "",
         *([f"![predictors]({figs['predictors']})", "",
@@ -514,7 +540,8 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
 
     for arm in data["arms"]:
         md += [f"## {_arm_name(arm)}", "", f"γ: {arm.get('gamma_rule', '')}", ""]
-        md += ["### Interventions (paper Tables 2–3 columns, plus ours)", "", _cells_table(arm), ""]
+        md += ["### Interventions (paper Tables 2–3 columns, plus ours)", "", _cells_table(arm), "",
+               *_edge_md(data, (d1, d2), arm)]
         md += ["### P along the base run (Table 4 analogue)", "", _p_table(arm, (d1, d2)), ""]
     if figures:
         md += ["## Figures", "",

@@ -105,6 +105,16 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
                    "linear response Σδw·G", "Spearman ρ",
                    "where \\|pred\\| > 2 se: sign · ρ · obs/pred · worst"):  # a cell's | escaped
         assert needle in md, needle
+    # interventions that remove a domain (Δw ≥ its base weight) are named: once per imbalanced arm, and
+    # counted over the significant cells (here every imbalanced cell: ru's base weight is 0.1)
+    assert md.count("Δw = 0.1, 0.2 takes `ru` to weight 0 for T steps") == 2
+    assert "Δw = 0.1 takes" not in md and "`en` to weight 0" not in md
+    edge = sum(pd["observed"]["significant"] for a in data["arms"] if a["variant"] == "imbalanced"
+               for c in a["cells"] for pd in c["per_domain"].values())
+    n_sig = sum(pd["observed"]["significant"] for a in data["arms"] for c in a["cells"]
+                for pd in c["per_domain"].values())
+    assert 0 < edge < n_sig
+    assert f"{edge} of the {n_sig} significant cells take a domain's weight to 0" in md
     for f in ("loss_planes.png", "pred_vs_obs.png", "locality.png", "predictors.png"):
         assert (tmp_path / f).stat().st_size > 10_000, f
     rows = (tmp_path / "cells.csv").read_text().strip().splitlines()
