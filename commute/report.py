@@ -96,24 +96,26 @@ def _frac(c: Mapping[str, Any], k: str, n: str) -> str:
     return f"{c[k]}/{c[n]}"
 
 
-def _response_target(data: Mapping[str, Any]) -> str:
-    """What the response's L was measured on, as a clause (older results, without ``target``: training)."""
-    rs = [r for a in data.get("arms", []) for r in a.get("responses", [])]
-    if not rs:
+def _target_clause(data: Mapping[str, Any], key: str, on_val: str, on_train: str) -> str:
+    """What a predictor's target was measured on, as a clause: ``on_val`` when every entry of the arms'
+    ``key`` list (``responses``, ``checkpoints``) says ``target: val``, else ``on_train`` (older results)."""
+    xs = [x for a in data.get("arms", []) for x in a.get(key, [])]
+    if not xs:
         return ""
-    if all(r.get("target") == "val" for r in rs):
-        return ", L measured on the same validation batches as the observation"
-    return ", L from fresh training-split batches (not the validation loss the observation uses)"
+    return on_val if all(x.get("target") == "val" for x in xs) else on_train
+
+
+def _response_target(data: Mapping[str, Any]) -> str:
+    """What the response's L was measured on (older results, without ``target``: training)."""
+    return _target_clause(
+        data, "responses", ", L measured on the same validation batches as the observation",
+        ", L from fresh training-split batches (not the validation loss the observation uses)")
 
 
 def _bracket_target(data: Mapping[str, Any]) -> str:
-    """What the bracket's target gradient was measured on, as a clause (older results: training draws)."""
-    cs = [c for a in data.get("arms", []) for c in a.get("checkpoints", [])]
-    if not cs:
-        return ""
-    if all(c.get("target") == "val" for c in cs):
-        return "; g_L on the same validation batches"
-    return "; g_L from training-split batches"
+    """What the bracket's target gradient was measured on (older results: training draws)."""
+    return _target_clause(data, "checkpoints", "; g_L on the same validation batches",
+                          "; g_L from training-split batches")
 
 
 def _edge_md(data: Mapping[str, Any], pair: Sequence[str], arm: Mapping[str, Any] | None = None) -> list[str]:

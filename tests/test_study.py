@@ -103,7 +103,8 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
                    "observed (EL^12−EL^21)/2 ± se (R)", "response ± se", "bracket ± se", "γTλ_max",
                    "Table 4 analogue", "Locality sweep", "Table 2", "Table 3", "adam / imbalanced (0.9, 0.1)",
                    "linear response Σδw·G", "Spearman ρ",
-                   "where \\|pred\\| > 2 se: sign · ρ · obs/pred · worst"):  # a cell's | escaped
+                   "where \\|pred\\| > 2 se: sign · ρ · obs/pred · worst",  # a cell's | escaped
+                   "second order in γT; g_L from training-split batches"):  # results without a target
         assert needle in md, needle
     # interventions that remove a domain (Δw ≥ its base weight) are named: once per imbalanced arm, and
     # counted over the significant cells (here every imbalanced cell: ru's base weight is 0.1)
