@@ -423,7 +423,7 @@ class BracketEstimator:
                 "ru": .5}}`` (a target L = sum_k c_k L_k).
             n_groups: G independent groups; stderr = std over groups / sqrt(G) (see the module docstring).
             mode: ``"pairs"`` (K(K-1) HVPs per HVP batch, any target afterwards), ``"targets"`` (K*M HVPs),
-                or ``"auto"`` for the fewer.
+                or ``"auto"`` for the fewer (``"targets"`` when ``target_data`` lacks a domain).
             target_data: domain -> a fixed list of batches (a held-out set: the loss an evaluation
                 reports). The target's L_k is then the mean loss over those batches and g_L its exact
                 gradient, computed once and the same in every group (no A half: all of a group's gradient
@@ -447,8 +447,9 @@ class BracketEstimator:
         K = len(names)
         named_targets = _resolve_targets(targets, names)
         M = len(named_targets)
-        if mode == "auto":
-            mode = "targets" if K * M < K * (K - 1) else "pairs"
+        if mode == "auto":  # the fewer HVPs; "targets" too when target_data covers only the targets' domains
+            mode = ("targets" if K * M < K * (K - 1) or (target_data is not None and isinstance(
+                target_data, Mapping) and not set(names) <= set(target_data)) else "pairs")
         if mode not in ("pairs", "targets"):
             raise CommuteError(f"unknown mode {mode!r}; use 'auto', 'pairs' or 'targets'.")
         G = int(n_groups)
@@ -483,7 +484,10 @@ class BracketEstimator:
             self.model.eval()
             stack.callback(_restore_modes, modes)
             with split.share():  # an error here reaches the other ranks at split.settle
+                n_grad0 = self.n_grad
                 held = None if fixed is None else self._held_out_gradients(names, fixed)
+                if not world.main:  # every rank computes the held-out gradients; count them once
+                    self.n_grad = n_grad0
                 for g in range(G):
                     if g not in split:  # another rank's group: its batches are drawn and left to that rank
                         self._skip(names, iters, used, per_group)
@@ -545,7 +549,10 @@ class BracketEstimator:
         for name in names:
             acc = [torch.zeros_like(p) for p in self.params]
             for i, batch in enumerate(fixed.get(name, [])):
-                loss = self._loss(f"{name} (target_data)", iter([batch]), i)
+                where = f"target_data batch {i} of domain {name!r}"
+                batch = _to_device(batch, self.device, self.dtype)
+                check_token_ids(self.vocab_size, where, batch)
+                loss = check_loss(self.loss_fn(self.model, batch), where)
                 for a, g in zip(acc, self._grad(loss), strict=True):
                     a.add_(g, alpha=1.0 / len(fixed[name]))
             out.append(acc)

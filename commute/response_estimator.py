@@ -558,7 +558,10 @@ class ResponseEstimator:
                 if end_fixed is not None:
                     end = end_fixed
                 elif fixed is not None:
+                    n_grad0 = self.n_grad
                     end = end_fixed = self._target_gradients(p_end, fixed, in_targets, domains)
+                    if not world.main:  # every rank with a group computes it (rank 0 has group 0): count once
+                        self.n_grad = n_grad0
                 else:
                     draws: dict[str, list[Any]] = {domains[k]: [] for k in in_targets}
                     for _ in range(bt):  # for each batch index, every domain in turn

@@ -84,6 +84,15 @@ def _estimator(root: Path):
     return BracketEstimator(model, lm_loss, {n: d.batches(4, 32, seed=7) for n, d in doms.items()})
 
 
+def _held(root: Path) -> dict:
+    """A fixed held-out set per domain (``target_data``): 2 validation batches of 4 windows."""
+    from commute.data import load_domains
+
+    cfg = json.loads((root / "cfg.json").read_text())
+    doms = load_domains(cfg["domains"], cache_dir=cfg["cache_dir"])
+    return {n: d.val_batches(2, 4, 32) for n, d in doms.items()}
+
+
 WORKER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -96,7 +105,7 @@ WORKER = textwrap.dedent("""
     from commute.train import train
 
     sys.path.insert(0, sys.argv[2])
-    from test_distributed import ESTIMATE, _estimator, _source
+    from test_distributed import ESTIMATE, _estimator, _held, _source
 
     root = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")  # once: commute uses it (and leaves it to its creator)
@@ -116,6 +125,8 @@ WORKER = textwrap.dedent("""
     # 5. the bracket estimate, groups split over the ranks
     rep = _estimator(root).estimate(**ESTIMATE, distributed=True)
     rep.to_json(root / f"estimate_rank{world.rank}.json")
+    rep = _estimator(root).estimate(**ESTIMATE, target_data=_held(root), distributed=True)
+    rep.to_json(root / f"estimate_td_rank{world.rank}.json")
     torch.distributed.destroy_process_group()
 """)
 
@@ -231,10 +242,13 @@ def test_given_batches_are_split_across_ranks(launched, tmp_path) -> None:
     _assert_rows_close(_rows(root / "src" / "metrics.csv"), rows)
 
 
-def test_distributed_bracket_estimate_equals_one_process(launched) -> None:
+@pytest.mark.parametrize("held", [False, True], ids=["drawn-target", "target_data"])
+def test_distributed_bracket_estimate_equals_one_process(launched, held: bool) -> None:
     root, _ = launched
-    one = _estimator(root).estimate(**ESTIMATE)
-    reps = [json.loads((root / f"estimate_rank{r}.json").read_text()) for r in range(WORLD)]
+    one = _estimator(root).estimate(**ESTIMATE, **({"target_data": _held(root)} if held else {}))
+    reps = [json.loads((root / f"estimate{'_td' if held else ''}_rank{r}.json").read_text())
+            for r in range(WORLD)]
+    assert ("target_data" in one.meta) == held
     for rep in reps:
         np.testing.assert_allclose(rep["p_groups"], one.p_groups, rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(rep["loss_groups"], one.loss_groups, rtol=1e-12)

@@ -35,6 +35,7 @@ WEIGHTS = [{"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 0.4, "b": 0.4, "c": 0.2}, {"a":
            {"a": 0.3, "b": 0.3, "c": 0.4}]
 # 3 groups: the ranks do 2 and 1; "c" is in no target, so its loss_groups column is NaN
 ESTIMATE = dict(targets=["a", "b"], n_groups=3, batches_per_step=1, target_batches=2)
+HELD = dict(targets=["a", "b"], n_groups=3, batches_per_step=1)  # with held_out() as target_data
 RUN_OUT = 8  # rank 1's batches per stream in the failing estimate: it runs out inside its group 1
 
 
@@ -68,6 +69,11 @@ def train_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def held_out() -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A fixed held-out set (``target_data``) for the targets' domains, from seeds nothing else uses."""
+    return {d: [next(iter(Stream(20 + k + 10 * i))) for i in range(2)] for k, d in enumerate(DOMAINS[:2])}
+
+
 def estimator(limit: int | None = None) -> ResponseEstimator:
     """The estimator the ranks and the test both build: a tanh MLP with fixed float64 weights, Adam."""
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
@@ -87,7 +93,7 @@ WORKER = textwrap.dedent("""
 
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
-    from test_distributed_response import ESTIMATE, RUN_OUT, WEIGHTS, estimator, train_batches
+    from test_distributed_response import ESTIMATE, HELD, RUN_OUT, WEIGHTS, estimator, held_out, train_batches
 
     from commute import distributed
     from commute.errors import CommuteError
@@ -98,6 +104,8 @@ WORKER = textwrap.dedent("""
     world = distributed.current()
     assert world.world_size == 2
     rep.to_json(root / f"response_rank{world.rank}.json")
+    rep = estimator().estimate(train_batches(), WEIGHTS, **HELD, target_data=held_out(), distributed=True)
+    rep.to_json(root / f"response_td_rank{world.rank}.json")
     # only rank 1's streams run out: both ranks must raise (rank 0 at the collective), neither may hang
     try:
         estimator(RUN_OUT if world.rank == 1 else None).estimate(train_batches(), WEIGHTS, **ESTIMATE,
@@ -121,14 +129,17 @@ def launched(tmp_path_factory):
     return root
 
 
-def test_distributed_response_estimate_equals_one_process(launched) -> None:
-    one = estimator().estimate(train_batches(), WEIGHTS, **ESTIMATE)
+@pytest.mark.parametrize("held", [False, True], ids=["drawn-target", "target_data"])
+def test_distributed_response_estimate_equals_one_process(launched, held: bool) -> None:
+    one = (estimator().estimate(train_batches(), WEIGHTS, **HELD, target_data=held_out()) if held else
+           estimator().estimate(train_batches(), WEIGHTS, **ESTIMATE))
     # the groups are distinct and non-zero: a skipped or misplaced group cannot pass unnoticed
     G = one.n_groups
     assert np.all(one.g_groups != 0) and np.all(one.g0_groups != 0)
     assert all(not np.array_equal(one.g_groups[g], one.g_groups[h]) for g in range(G) for h in range(g))
     assert np.isnan(one.loss_groups[:, 2]).all() and np.isfinite(one.loss_groups[:, :2]).all()
-    reps = [ResponseReport.from_json(launched / f"response_rank{r}.json") for r in range(WORLD)]
+    reps = [ResponseReport.from_json(launched / f"response{'_td' if held else ''}_rank{r}.json")
+            for r in range(WORLD)]
     for rep in reps:
         assert np.array_equal(rep.g_groups, one.g_groups)  # bit for bit (see the module docstring)
         assert np.array_equal(rep.g0_groups, one.g0_groups)

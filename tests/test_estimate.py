@@ -251,6 +251,45 @@ def test_target_data_is_the_held_out_loss(mode: str) -> None:
         est.estimate(8, 4, ["a"], n_groups=4, mode=mode, target_data=[held["a"]])
 
 
+def test_target_data_groups_average_their_own_batches() -> None:
+    """With ``target_data`` each group's inner gradient is the mean over *all* its 2·n_half gradient batches
+    and its Hessian the mean over its HVP batches, in draw order (distinct batches, closed form per group);
+    ``mode="auto"`` takes "targets" when the held-out set lacks a domain; a bad held-out batch is named."""
+    prob = Regression(K=3, seed=6)
+    gen = torch.Generator().manual_seed(1)
+    draws = {n: [prob.sample(k, gen) for _ in range(12)] for k, n in enumerate(prob.names)}
+    held = {n: [prob.sample(k, gen)] for k, n in enumerate(prob.names)}
+    est = BracketEstimator(prob.model, prob.loss_fn, {n: iter(b) for n, b in draws.items()})
+    rep = est.estimate(8, 4, ["a"], n_groups=2, mode="pairs", target_data=held)  # per group: 4 B + 2 HVP
+    th = prob.theta
+
+    def g(batch):
+        X, y = batch
+        return X.T @ (X @ th - y) / len(y)
+
+    def H(batch):
+        X, _ = batch
+        return X.T @ X / len(X)
+
+    gL = g(held["a"][0])
+    for grp in range(2):
+        B = {n: torch.stack([g(b) for b in draws[n][6 * grp:6 * grp + 4]]).mean(0) for n in prob.names}
+        Hs = {n: torch.stack([H(b) for b in draws[n][6 * grp + 4:6 * grp + 6]]).mean(0) for n in prob.names}
+        for i, j in (("a", "b"), ("b", "c"), ("c", "a")):
+            want = float(gL @ Hs[j] @ B[i] - gL @ Hs[i] @ B[j])
+            assert rep.p_samples(i, j, "a")[grp] == pytest.approx(want, rel=1e-10)
+    # auto: with targets on a and b only, pairs would need c's held-out set; targets does not
+    two = {"t": {"a": 1.0}, "u": {"b": 1.0}}  # K·M = K(K−1) = 6: auto alone would take pairs
+    fresh = {n: _repeat(b[0]) for n, b in draws.items()}
+    assert BracketEstimator(prob.model, prob.loss_fn, fresh).estimate(
+        8, 4, two, n_groups=2, target_data={"a": held["a"], "b": held["b"]}).mode == "targets"
+    assert BracketEstimator(prob.model, prob.loss_fn, fresh).estimate(8, 4, two, n_groups=2).mode == "pairs"
+    X, y = held["b"][0]
+    with pytest.raises(CommuteError, match=r"non-finite loss \(nan\) on target_data batch 0 of domain 'b'\."):
+        BracketEstimator(prob.model, prob.loss_fn, fresh).estimate(
+            8, 4, ["a", "b"], n_groups=2, target_data={"a": held["a"], "b": [(X, y * float("nan"))]})
+
+
 # --------------------------------------------------------------------------------------------------
 # a tiny Hugging Face GPT-2 against finite differences
 # --------------------------------------------------------------------------------------------------

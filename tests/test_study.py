@@ -177,6 +177,35 @@ def test_predictor_scores_against_an_independent_count() -> None:
     assert partial > 0
 
 
+def test_confident_scores_are_nan_without_enough_confident_cells() -> None:
+    """score(): the confident-cell magnitudes are NaN with no confident cell, Spearman NaN with two."""
+    from commute.scores import score
+
+    none = score([(1.0, 2.0, 1.0, 0.1), (-1.0, -0.5, 2.0, 0.1), (0.5, 0.1, 1.0, 0.1)])
+    assert none["n_confident"] == 0 and math.isnan(none["median_ratio_confident"])
+    assert math.isnan(none["max_fold_confident"]) and math.isnan(none["spearman_confident"])
+    two = score([(1.0, 2.0, 0.1, 0.1), (-1.0, -0.5, 0.1, 0.1), (0.5, 0.1, 1.0, 0.1)])
+    assert two["n_confident"] == 2 and math.isnan(two["spearman_confident"])
+    assert two["median_ratio_confident"] == pytest.approx(1.25)  # obs/pred 2 and 0.5
+    assert two["max_fold_confident"] == pytest.approx(2)
+
+
+def test_edge_note_names_only_the_pair_domain_taken_to_zero() -> None:
+    """K = 3: the intervention moves Δw between the pair (en, ru) only; at base (0.8, 0.1, 0.1) Δw = 0.1
+    takes ru to 0 (not de, whose weight does not move), Δw = 0.05 nothing; at (0.4, 0.4, 0.2) Δw = 0.4
+    takes both en and ru to 0 in their phases."""
+    from commute.report import _edge_md
+
+    def arm(base, dws):
+        return {"base": base, "cells": [{"delta_w": dw, "per_domain": {}} for dw in dws]}
+
+    imb = arm({"en": 0.8, "ru": 0.1, "de": 0.1}, [0.05, 0.1])
+    assert _edge_md({}, ("en", "ru"), imb)[0].startswith("Δw = 0.1 takes `ru` to weight 0")
+    assert _edge_md({}, ("en", "ru"), arm({"en": 0.8, "ru": 0.1, "de": 0.1}, [0.05])) == []
+    assert _edge_md({}, ("en", "ru"), arm({"en": 0.4, "ru": 0.4, "de": 0.2}, [0.2, 0.4]))[0].startswith(
+        "Δw = 0.4 takes `en`, `ru` to weight 0")
+
+
 def test_summary_checkpoint_criterion() -> None:
     data = _synthetic(1)
     s = summarise(data)
