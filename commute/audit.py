@@ -157,6 +157,11 @@ class BracketAudit:
         """Write :meth:`to_dict` atomically (:func:`commute.io.write_json`)."""
         return write_json(path, self.to_dict())
 
+    def _target_words(self) -> str:
+        """What L was measured on (older results, without ``settings["target"]``: training draws)."""
+        return ("the run's validation batches" if self.settings.get("target") == "val" else
+                "fresh training-split batches")
+
     def tables(self) -> list[Any]:
         """Rich renderables: the P table, the tournament table, the locality line."""
         from rich.table import Table
@@ -164,7 +169,8 @@ class BracketAudit:
 
         p = Table(title=f"P(i, j; L) at step {self.step} of {self.checkpoint}",
                   caption="P(j, i; L) = −P(i, j; L). P > 0: training i then j raises L compared with mixing "
-                          f"them (prefer j then i); bold: |z| ≥ 2. {self.report.n_groups} groups, "
+                          f"them (prefer j then i); bold: |z| ≥ 2. L: {self._target_words()}. "
+                          f"{self.report.n_groups} groups, "
                           f"{self.report.grad_batches} gradient + {self.report.hvp_batches} HVP batches per "
                           f"domain, {self.report.n_hvp} HVPs.",
                   caption_justify="left")
@@ -240,6 +246,7 @@ def bracket_at(
     lambda_batch_size: int | None = None,
     lambda_iters: int = 20,
     cache_dir: str | os.PathLike[str] | None = None,
+    train_target: bool = False,
     progress: bool = False,
     distributed: bool = False,
 ) -> BracketAudit:
@@ -257,6 +264,9 @@ def bracket_at(
         lambda_batch_size: sequences per domain in the fixed batch of λ_max (default: ``batch_size``).
         lambda_iters: power iterations for λ_max.
         cache_dir: the token cache (default: the run's ``cache_dir``).
+        train_target: project P on fresh training-split draws (the population training loss) instead of
+            the run's validation batches (``eval_batches`` of ``batch_size``: the loss its evaluation
+            reports, exact and the same in every group; the default, as the audit's response and the study).
         progress: show the estimator's progress bar (rank 0's only).
         distributed: under torchrun, split the estimator's groups over the ranks (every rank must call
             this with the same arguments; see the module docstring): every rank returns the one-process
@@ -295,9 +305,11 @@ def bracket_at(
     targets = {**{d: {d: 1.0} for d in names}, mix_name: {d: w for d, w in mix.items() if w != 0.0}}
 
     streams = {n: domains[n].batches(bs, cfg.seq_len, seed=seed) for n in names}
+    held = None if train_target else {
+        n: domains[n].val_batches(max(1, cfg.eval_batches), cfg.batch_size, cfg.seq_len) for n in names}
     est = BracketEstimator(model, lm_loss, streams)
     report = est.estimate(grad_batches, hvp_batches, targets=targets, n_groups=groups, mode="pairs",
-                          progress=progress, distributed=world.enabled)
+                          target_data=held, progress=progress, distributed=world.enabled)
 
     # λ_max of the training mix on one fixed batch per domain (a stream of its own: seed + 1)
     lb = {n: [next(domains[n].batches(lam_bs, cfg.seq_len, seed=seed + 1)).to(dev)] for n in names}
@@ -308,6 +320,7 @@ def bracket_at(
                                      seed=seed))
     lambda_of = "D^-1/2 H D^-1/2 (Adam)" if D is not None else "H"
     settings = {"grad_batches": report.grad_batches, "hvp_batches": report.hvp_batches, "groups": groups,
+                "target": "train" if train_target else "val",
                 "batch_size": bs, "seq_len": cfg.seq_len, "lambda_batch_size": lam_bs,
                 "lambda_iters": lambda_iters, "seed": seed, "device": str(dev),
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -747,6 +760,7 @@ def audit_run(
     response_batch_size: int | None = None,
     response_target_batches: int | None = None,
     response_bins: int = 20,
+    bracket_train_target: bool = False,
     device: str = "cpu",
     seed: int = 0,
     figures: bool = True,
@@ -763,7 +777,9 @@ def audit_run(
 
     1. **P table** at every selected checkpoint: :func:`bracket_at` with these settings and ``seed`` (the
        same batch streams at every checkpoint), horizon T = the steps to the next selected checkpoint (the
-       last one: the previous window's length), so γ·T·λ_max is the locality of the window ahead.
+       last one: the previous window's length), so γ·T·λ_max is the locality of the window ahead; the
+       targets on the run's validation batches (as the response below), or with ``bracket_train_target``
+       on fresh training-split draws.
     2. **Cor. 3.2b** (docs/design.md §1): per checkpoint, pair i < j and target, P(X, Y; L) with
        X = L_i − L_j and Y the training mix at the step, from the P table's groups by bilinearity
        (Σ_k w_k [P(i, k; L) − P(j, k; L)] per group); a *violation* where w_i, w_j > 0 and |t| exceeds
@@ -861,7 +877,8 @@ def audit_run(
     # the cache files of every estimate; the checkpoints still to be read are verified before any work
     bsettings = {"grad_batches": grad_batches, "hvp_batches": hvp_batches, "groups": groups,
                  "batch_size": batch_size, "lambda_batch_size": lambda_batch_size,
-                 "lambda_iters": lambda_iters, "seed": seed, "dtype_device": dev.type}
+                 "lambda_iters": lambda_iters, "seed": seed, "dtype_device": dev.type,
+                 "target": "train" if bracket_train_target else "val"}
     bkeys = [_hash({"kind": "bracket", "files": st.get("files"), "step": step, **bsettings})
              for step, st in zip(steps, states, strict=True)]
     bpaths = [cache / f"bracket_{step:08d}_{key}.json" for step, key in zip(steps, bkeys, strict=True)]
@@ -903,7 +920,8 @@ def audit_run(
             audit = bracket_at(p, grad_batches=grad_batches, hvp_batches=hvp_batches, groups=groups,
                                batch_size=batch_size, horizon=horizon, device=device, seed=seed,
                                lambda_batch_size=lambda_batch_size, lambda_iters=lambda_iters,
-                               progress=progress, distributed=world.enabled)
+                               train_target=bracket_train_target, progress=progress,
+                               distributed=world.enabled)
             on_main(world, "audit", partial(write_json, bpath, _clean({"audit": audit.to_dict(),
                                                                        "report": audit.report.to_dict()})))
         brackets[step] = audit
@@ -966,6 +984,7 @@ def audit_run(
                      "response_windows": response_windows, "response_groups": response_groups,
                      "response_batch_size": response_batch_size,
                      "response_target_batches": response_target_batches, "response_bins": response_bins,
+                     "bracket_target": "train" if bracket_train_target else "val",
                      "device": str(dev), "seed": seed},
         "meaning": MEANINGS,
     }
@@ -1121,10 +1140,12 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
            "gradient is exact to first order in the weight change at any horizon, for the replayed "
            "trajectory, but with few groups its stderr is rough.", ""]
 
+    on = {"train": ", measured on fresh training-split batches", "val": ", measured on the run's validation "
+          "batches"}.get(data.get("settings", {}).get("bracket_target"), "")  # older audits: not recorded
     md += ["## 1. P along training (the paper's Table 4, generalised)", "",
            "P(i→j; L) = P(L_i, L_j; L) ± stderr (t) at each checkpoint, for each target L: each domain and "
-           "the training mix at that step. **P > 0: training i then j raises L** compared with mixing them, "
-           "so j before i lowers it; P(j→i) = −P(i→j). Bold: significant.", ""]
+           f"the training mix at that step{on}. **P > 0: training i then j raises L** compared with mixing "
+           "them, so j before i lowers it; P(j→i) = −P(i→j). Bold: significant.", ""]
     pairs = _pairs(names)
     for t in [*names, None]:  # None: the training mix at each step
         rows = []

@@ -225,8 +225,10 @@ def test_heat_map_is_the_response_estimator_on_the_runs_replayed_window(audited,
     for f in [files["report"], *files["figures"]]:
         assert (audited.out_dir / f).stat().st_size > 5000
     md = (audited.out_dir / "report.md").read_text()
-    for part in ("## Recommendations", "Table 4", "Cor. 3.2b", "schedule gradient", "![", "γTλ_max"):
+    for part in ("## Recommendations", "Table 4", "Cor. 3.2b", "schedule gradient", "![", "γTλ_max",
+                 "the training mix at that step, measured on the run's validation batches"):
         assert part in md, part
+    assert audited.to_dict()["settings"]["bracket_target"] == "val"
 
 
 def test_cli_json_schema_and_a_cached_rerun_does_no_estimation(run, tmp_path, capsys, monkeypatch) -> None:

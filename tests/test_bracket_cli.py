@@ -89,30 +89,49 @@ def test_bracket_cli_end_to_end_and_json_schema(adam_run, tmp_path, capsys) -> N
     assert "P(i, j; L)" in text and "Order tournament" in text and "first to last" in text
     assert "T = 50 steps" in text and "JSON written" in text
     assert not [p for p in path.parent.iterdir() if p.name != "bracket.json"]  # atomic: no temporary file
+    assert d["settings"]["target"] == "val" and "L: the run's validation batches" in text
+    # --train-target: L on fresh training-split draws, other numbers
+    code, out, err = _cli(["bracket", str(adam_run), "--json", str(path), "--train-target", *FAST], capsys)
+    assert code == 0, err
+    d2 = json.loads(path.read_text())
+    assert d2["settings"]["target"] == "train" and "L: fresh training-split batches" in " ".join(out.split())
+    assert d2["P"][0]["mean"] != d["P"][0]["mean"]
 
 
-def test_bracket_at_is_the_estimator_on_the_runs_checkpoint_and_domains(adam_run) -> None:
+@pytest.mark.parametrize("train_target", [False, True], ids=["val-target", "train-target"])
+def test_bracket_at_is_the_estimator_on_the_runs_checkpoint_and_domains(adam_run, train_target: bool) -> None:
     """Independent wiring: load the checkpoint and the domains by hand, run the estimator on the same
-    streams (the run's train split, seed 0, batch size 4, seq_len 32): the same numbers."""
+    streams (the run's train split, seed 0, batch size 4, seq_len 32) with the target on the run's
+    validation batches (``eval_batches`` of its ``batch_size``; default) or on fresh training draws
+    (``train_target``): the same numbers, and the two targets differ."""
     from commute.audit import bracket_at
     from commute.data import load_domains
     from commute.estimate import BracketEstimator
     from commute.model import lm_loss
     from commute.train import load_checkpoint
 
-    audit = bracket_at(adam_run, grad_batches=8, hvp_batches=4, groups=2, batch_size=4, horizon=10)
+    audit = bracket_at(adam_run, grad_batches=8, hvp_batches=4, groups=2, batch_size=4, horizon=10,
+                       train_target=train_target)
     ck = load_checkpoint(adam_run)
     cfg = ck.config
     doms = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cfg.cache_dir,
                         val_fraction=cfg.val_fraction)
     est = BracketEstimator(ck.model, lm_loss, {n: doms[n].batches(4, 32, seed=0) for n in "abc"})
-    rep = est.estimate(8, 4, n_groups=2, mode="pairs")
+    held = {n: doms[n].val_batches(max(1, cfg.eval_batches), cfg.batch_size, cfg.seq_len) for n in "abc"}
+    rep = est.estimate(8, 4, n_groups=2, mode="pairs", target_data=None if train_target else held)
+    other = BracketEstimator(ck.model, lm_loss, {n: doms[n].batches(4, 32, seed=0) for n in "abc"}).estimate(
+        8, 4, n_groups=2, mode="pairs", target_data=held if train_target else None)
     for t, w in audit.targets.items():
         for i in "abc":
             for j in "abc":
                 np.testing.assert_allclose(audit.P(i, j, t).mean, rep.P(i, j, w).mean, rtol=1e-6, atol=1e-12)
+    assert not np.allclose(audit.P("a", "b", "mix").mean, other.P("a", "b", audit.targets["mix"]).mean,
+                           rtol=1e-3)
     assert audit.step == 4 and audit.horizon == 10 and audit.optimizer == "adam"
     assert audit.ranking["mix"] == rep.tournament(audit.targets["mix"]).order
+    assert audit.settings["target"] == ("train" if train_target else "val")
+    assert ("fresh training-split batches" if train_target else "the run's validation batches") in str(
+        audit.tables()[0].caption)
 
 
 def test_sgd_run_uses_H_and_the_learning_rate_at_the_step(tmp_path, corpora) -> None:

@@ -21,11 +21,15 @@ def bracket_cmd(
                                           help="Sequences per batch (default: the run's batch_size)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
     seed: int = typer.Option(0, "--seed", help="Seeds the estimator's batch streams."),
+    train_target: bool = typer.Option(False, "--train-target",
+                                      help="Project P on fresh training-split draws instead of the run's "
+                                           "validation batches (the loss its evaluation reports)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Estimate P(i, j; L) for every ordered pair of the run's domains and every target L (each domain and
-    the training mix at the checkpoint's step), with stderr and z; the order tournament of each target
-    (suggested training order, first to last); and λ_max of the training mix with the locality γ·T·λ_max.
+    """Estimate P(i, j; L) for every ordered pair of the run's domains and every target L (each domain and the
+    training mix at the checkpoint's step, on the run's validation batches), with stderr and z; the order
+    tournament of each target (suggested training order, first to last); and λ_max of the training mix
+    with the locality γ·T·λ_max.
 
     P(i, j; L) > 0 means training domain i then j ends with a higher L than mixing them. The JSON has the
     fields step, domains, targets, lambda_max, lambda_of, locality {horizon, gamma, value}, P [{i, j, target,
@@ -38,7 +42,8 @@ def bracket_cmd(
     from commute.audit import bracket_at
 
     audit = bracket_at(checkpoint, grad_batches=grad_batches, hvp_batches=hvp_batches, groups=groups,
-                       batch_size=batch_size, horizon=horizon, device=device, seed=seed, progress=progress,
+                       batch_size=batch_size, horizon=horizon, device=device, seed=seed,
+                       train_target=train_target, progress=progress,
                        distributed=distributed.env_world().enabled)
 
     def report() -> None:
