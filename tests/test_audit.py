@@ -266,6 +266,18 @@ def test_cli_json_schema_and_a_cached_rerun_does_no_estimation(run, tmp_path, ca
     assert all(len(w["G"][t][k]) == 4 for t in w["G"] for k in "abc")
     # by default the targets are the run's own validation batches (eval_batches of them), not training draws
     assert w["target_data"] == {"a": 4, "b": 4, "c": 4} and w["target_batches"] == 0
+    assert d["settings"]["bracket_target"] == "val" and d["settings"]["response_target_batches"] is None
+    # the flags for training-split targets reach both estimators (and give other numbers)
+    tr = tmp_path / "train_targets.json"
+    flags = ["--bracket-train-target", "--response-target-batches", "2"]
+    code, _, err = _cli(["audit", str(run), "--out", str(tmp_path / "cli_train"), "--checkpoints", "8,12",
+                         "--json", str(tr), *flags, *FAST], capsys)
+    assert code == 0, err
+    t = _strict(tr)
+    assert t["settings"]["bracket_target"] == "train" and t["settings"]["response_target_batches"] == 2
+    (wt,) = t["response"]["windows"]
+    assert wt["target_batches"] == 2 and wt["target_data"] is None
+    assert t["p_table"][0]["P"][0]["mean"] != d["p_table"][0]["P"][0]["mean"]
 
     def boom(*a, **k):
         raise AssertionError("estimated again instead of reading the cache")

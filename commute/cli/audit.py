@@ -57,6 +57,13 @@ def audit_cmd(
     response_batch_size: int | None = typer.Option(
         None, "--response-batch-size", help="Fresh sequences per domain per replayed step (default: the "
                                             "run's batch_size / K)."),
+    bracket_train_target: bool = typer.Option(
+        False, "--bracket-train-target", help="Project P on fresh training-split draws instead of the run's "
+                                              "validation batches."),
+    response_target_batches: int | None = typer.Option(
+        None, "--response-target-batches", help="Measure the schedule gradient's targets on N fresh "
+                                                "training-split batches per domain and group instead of the "
+                                                "run's validation batches."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
     seed: int = typer.Option(0, "--seed", help="Seeds the estimators' batch streams."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write audit.json's content here."),
@@ -78,7 +85,8 @@ def audit_cmd(
     res = audit_run(run, out, checkpoints=_steps(checkpoints), grad_batches=grad_batches,
                     hvp_batches=hvp_batches, groups=groups, batch_size=batch_size, response=response,
                     response_windows=_windows(response_windows), response_groups=response_groups,
-                    response_batch_size=response_batch_size, device=device, seed=seed, progress=progress,
+                    response_batch_size=response_batch_size, response_target_batches=response_target_batches,
+                    bracket_train_target=bracket_train_target, device=device, seed=seed, progress=progress,
                     distributed=distributed.env_world().enabled)
 
     def report() -> None:
