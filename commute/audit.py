@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -223,6 +223,14 @@ def _mix_weights(ck: Any, domains: tuple[str, ...]) -> tuple[dict[str, float], s
     return {d: float(w.get(d, 0.0)) for d in domains}, f"the schedule's weights at step {ck.step}"
 
 
+def _run_val_batches(cfg: Any, domains: Mapping[str, Any],
+                     names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """The run's validation batches per domain, the estimators' default targets: ``eval_batches`` (at least
+    1, even for a run that did not evaluate) of its ``batch_size`` from each validation split, the set
+    ``train`` evaluates on unless it was given its own."""
+    return {n: domains[n].val_batches(max(1, cfg.eval_batches), cfg.batch_size, cfg.seq_len) for n in names}
+
+
 def _join(distributed: bool, device: str) -> World:
     """The ranks of a distributed audit (:data:`SINGLE` unless ``distributed``): torchrun's process group,
     joined now (gloo, or nccl for a CUDA ``device``) after the refusals ``commute train`` makes too."""
@@ -305,8 +313,7 @@ def bracket_at(
     targets = {**{d: {d: 1.0} for d in names}, mix_name: {d: w for d, w in mix.items() if w != 0.0}}
 
     streams = {n: domains[n].batches(bs, cfg.seq_len, seed=seed) for n in names}
-    held = None if train_target else {
-        n: domains[n].val_batches(max(1, cfg.eval_batches), cfg.batch_size, cfg.seq_len) for n in names}
+    held = None if train_target else _run_val_batches(cfg, domains, names)
     est = BracketEstimator(model, lm_loss, streams)
     report = est.estimate(grad_batches, hvp_batches, targets=targets, n_groups=groups, mode="pairs",
                           target_data=held, progress=progress, distributed=world.enabled)
@@ -599,8 +606,7 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     rp = est.replay(batches(), e - s, start=s, progress=progress and world.main)
     replay = {"rel_error": rp.rel_error(end.model), "seconds": time.perf_counter() - t0,
               "of": f"|theta_replayed - theta(step {e})| / |theta(step {e})| over the trained parameters"}
-    held = None if target_batches is not None else {
-        n: domains[n].val_batches(max(1, cfg.eval_batches), cfg.batch_size, cfg.seq_len) for n in names}
+    held = None if target_batches is not None else _run_val_batches(cfg, domains, names)
     rep = est.estimate(batches(), sched, targets=list(names), steps=e - s, start=s, n_groups=groups,
                        batches_per_step=1, target_batches=target_batches, target_data=held,
                        progress=progress, distributed=world.enabled)
@@ -875,10 +881,11 @@ def audit_run(
             logger.info(f"audit [{done}/{n_work}] {text}")
 
     # the cache files of every estimate; the checkpoints still to be read are verified before any work
+    btarget = "train" if bracket_train_target else "val"  # what the P table's targets are measured on
     bsettings = {"grad_batches": grad_batches, "hvp_batches": hvp_batches, "groups": groups,
                  "batch_size": batch_size, "lambda_batch_size": lambda_batch_size,
                  "lambda_iters": lambda_iters, "seed": seed, "dtype_device": dev.type,
-                 "target": "train" if bracket_train_target else "val"}
+                 "target": btarget}
     bkeys = [_hash({"kind": "bracket", "files": st.get("files"), "step": step, **bsettings})
              for step, st in zip(steps, states, strict=True)]
     bpaths = [cache / f"bracket_{step:08d}_{key}.json" for step, key in zip(steps, bkeys, strict=True)]
@@ -984,7 +991,7 @@ def audit_run(
                      "response_windows": response_windows, "response_groups": response_groups,
                      "response_batch_size": response_batch_size,
                      "response_target_batches": response_target_batches, "response_bins": response_bins,
-                     "bracket_target": "train" if bracket_train_target else "val",
+                     "bracket_target": btarget,
                      "device": str(dev), "seed": seed},
         "meaning": MEANINGS,
     }
