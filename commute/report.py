@@ -29,9 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from commute.io import atomic_write, write_csv
-from commute.scores import FALLBACK_THRESHOLD, PREDICTORS, lambda_of, summarise, t_threshold
+from commute.scores import (
+    FALLBACK_THRESHOLD,
+    PREDICTORS,
+    lambda_of,
+    score_predictors,
+    summarise,
+    t_threshold,
+)
 
-__all__ = ["render_report", "write_csvs", "summary_table", "plot_loss_planes", "plot_pred_vs_obs",
+__all__ = ["render_report", "render_pooled", "write_csvs", "summary_table", "predictors_table",
+           "plot_loss_planes", "plot_pred_vs_obs",
            "plot_predictors", "plot_linearity",
            "plot_locality", "summarise", "PAPER_TABLES"]
 
@@ -199,11 +207,12 @@ def _summary_rows(s: Mapping[str, Any], bold: bool) -> list[list[str]]:
     return rows
 
 
-def predictors_table(data: Mapping[str, Any]) -> Any:
-    """The predictors' scores on significant cells (arms, optimisers, all) as a :class:`rich.table.Table`."""
+def predictors_table(data: Mapping[str, Any], predictors: Mapping[str, Any] | None = None) -> Any:
+    """The predictors' scores on significant cells (arms, optimisers, all) as a :class:`rich.table.Table`;
+    ``predictors``: :func:`commute.scores.score_predictors`'s answer if already computed (pooled studies)."""
     from rich.table import Table
 
-    pr = _summary(data).get("predictors") or {}
+    pr = predictors if predictors is not None else _summary(data).get("predictors") or {}
     t = Table(title="Predictors vs the replicated observation (EL^12 − EL^21)/2, significant cells only")
     t.add_column("cells", no_wrap=True)
     for p in PREDICTORS:
@@ -566,6 +575,46 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
            "Files: `results.json` (every number), `cells.csv`, `checkpoints.csv`, `locality.csv`, "
            "`config.yaml` (re-run with `commute study bilingual --config config.yaml`).", ""]
     return atomic_write(out / "report.md", "\n".join(md))
+
+
+def render_pooled(pooled: Mapping[str, Any], out_dir: str | Path, figures: bool = True) -> Path:
+    """Write ``pooled.md`` (and ``predictors.png``) for :func:`commute.scores.pool_studies`'s answer: the
+    predictors scored over the significant cells of all the studies, and each study's own score beside it
+    (how much the verdict moves from one seed to another); return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = {"predictors": score_predictors(pooled)}
+    rows = []
+    for name in pooled["studies"]:
+        cfg = pooled["configs"].get(name, {})
+        one = score_predictors({"arms": [a for a in pooled["arms"] if a["study"] == name]})
+        by = one["groups"].get("all", {})
+
+        def cell(p: str, by: Mapping[str, Any] = by) -> str:
+            sc = by.get(p)
+            if not sc or not sc["n"]:
+                return "–"
+            return f"{sc['sign_right']}/{sc['n']}" + ("" if p == "recency" else
+                   f" · {_f(sc['spearman'], '.2f')} · {_f(sc['median_ratio'], '.2g')}")
+
+        rows.append([name, f"`{cfg.get('preset', '?')}`", str(cfg.get("seed", "?")),
+                     f"{one['n_significant']}/{one['n_cells']}", *(cell(p) for p in PREDICTORS)])
+    md = [f"# {len(pooled['studies'])} order studies pooled", "",
+          f"Domains {', '.join(f'`{d}`' for d in pooled['domains'])}; interventions between "
+          f"`{pooled['pair'][0]}` and `{pooled['pair'][1]}`. Every cell keeps its own observation (mean ± "
+          "stderr over its replicates, significant at the two-sided 95 % t level or not); pooling adds "
+          "cells, it does not re-test them. Each study alone (all its significant cells; sign right · "
+          "Spearman ρ · median observed/predicted):", "",
+          _table(["study", "preset", "seed", "significant cells",
+                  *(PREDICTOR_NAMES[p].replace(" (sign only)", "") for p in PREDICTORS)], rows), "",
+          "## Pooled", "", *_trust_md(s), _predictors_md(s), ""]
+    if figures:
+        name = plot_predictors(pooled, out / "predictors.png").name
+        md += [f"![predictors]({name})", "",
+               "Each predictor against the replicated observation over all the studies (± stderr bars; "
+               "filled: significant observation), one symmetric-log scale per panel; the dashed line is "
+               "observed = predicted.", ""]
+    return atomic_write(out / "pooled.md", "\n".join(md))
 
 
 # --------------------------------------------------------------------------------------------------

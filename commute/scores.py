@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from commute.study_config import config_hash
+
 __all__ = ["sign_agreement", "t_threshold", "summarise", "FALLBACK_THRESHOLD", "lambda_of", "p_dof", "score",
-           "score_predictors", "PREDICTORS"]
+           "score_predictors", "pool_studies", "PREDICTORS"]
 
 
 def sign_agreement(
@@ -281,6 +283,37 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
             p: score([_pair(pd, p) for pd, _ in groups[g]], magnitude=p != "recency")
             for p in PREDICTORS}
     return out
+
+
+def pool_studies(studies: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Several studies' ``results.json`` data (name -> data; e.g. one preset under several seeds) as one
+    mapping for :func:`score_predictors` and the report's predictor figure: the union of their arms, each
+    tagged with its ``study``. Cells stay what they were (each is significant or not on its own
+    replicates); pooling only adds cells, so the scores rest on more of them. The studies must share the
+    domains and the intervention pair; the same study (same config, seed included) twice is refused, as
+    it would count its cells twice.
+
+    Raises ``ValueError`` naming the offending study."""
+    if len(studies) < 2:
+        raise ValueError("pooling needs at least two studies.")
+    arms: list[dict[str, Any]] = []
+    first, seen = None, {}
+    for name, data in studies.items():
+        key = (list(data["domains"]), list(data.get("pair") or data["domains"][:2]))
+        if first is None:
+            first = key
+        elif key != first:
+            raise ValueError(f"study {name} has domains {key[0]} and pair {key[1]}, the first has {first[0]} "
+                             f"and {first[1]}: only studies of the same domains pool.")
+        h = config_hash(data.get("config", {}))
+        if h in seen:
+            raise ValueError(f"studies {seen[h]} and {name} have the same config (seed included): the same "
+                             "cells would count twice. Pool studies run under different seeds or settings.")
+        seen[h] = name
+        arms += [{**arm, "study": name} for arm in data["arms"]]
+    assert first is not None
+    return {"domains": first[0], "pair": first[1], "arms": arms, "studies": list(studies),
+            "configs": {name: data.get("config", {}) for name, data in studies.items()}}
 
 
 def _pair(pd: Mapping[str, Any], predictor: str) -> tuple[Any, ...]:

@@ -741,11 +741,14 @@ def run_bilingual_study(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     jobs: int = 1,
+    seed: int | None = None,
 ) -> StudyResult:
     """Run the bilingual order study and write its report; returns a :class:`StudyResult`.
 
     ``config`` (a :class:`StudyConfig` or YAML path) overrides ``preset``; ``optimizers`` restricts it to
-    e.g. ``["adam"]``. Everything lands in ``out_dir``: ``config.yaml`` (re-run with it), ``runs/``
+    e.g. ``["adam"]``; ``seed`` replaces its seed (model init and sampler streams: several seeds of one
+    preset pool with :func:`commute.scores.pool_studies`). Everything lands in ``out_dir``:
+    ``config.yaml`` (re-run with it), ``runs/``
     (base runs and branches, each cached by a config hash, so a re-run skips finished work and an
     interrupted study resumes), ``results.json`` and the report (``report.md``, PNGs, CSVs). Progress
     lines (token checks, stages) go to ``log`` (default: the ``commute`` logger).
@@ -763,6 +766,8 @@ def run_bilingual_study(
         cfg = config
     else:
         cfg = StudyConfig.from_yaml(config)
+    if seed is not None:
+        cfg = StudyConfig.from_dict({**cfg.to_dict(), "seed": seed})
     if optimizers is not None:
         cfg = StudyConfig.from_dict({**cfg.to_dict(), "optimizers": list(optimizers)})
         if cfg.locality.optimizer not in cfg.optimizers:

@@ -19,7 +19,7 @@ from commute.bracket import intervention_excess
 from commute.errors import CommuteError
 from commute.locality import locality_sweep
 from commute.report import render_report, summarise
-from commute.scores import sign_agreement
+from commute.scores import score_predictors, sign_agreement
 from commute.study import PRESETS, StudyConfig, get_preset, run_bilingual_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -537,6 +537,68 @@ def test_study_cli_report_rerender(tmp_path: Path) -> None:
     assert main(["study", "report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").is_file()
     assert main(["study", "report", str(tmp_path / "nowhere")]) != 0
+
+
+def test_pooled_scores_are_those_of_the_union_of_cells(tmp_path: Path) -> None:
+    """Pooling two studies scores every predictor on the union of their significant cells (an independent
+    numpy count), keeps each study's own score in the pooled report, and refuses what would count a cell
+    twice or mix domains, with one sentence from the CLI."""
+    from commute.cli import main
+    from commute.scores import pool_studies
+
+    a, b = _synthetic(1), _synthetic(2)
+    a["config"] = {**a["config"], "seed": 1}
+    b["config"] = {**b["config"], "seed": 2}
+    pooled = pool_studies({"s1": a, "s2": b})
+    sp = score_predictors(pooled)
+    cells = [pd for data in (a, b) for arm in data["arms"] for c in arm["cells"]
+             for pd in c["per_domain"].values() if pd["observed"]["significant"]]
+    obs = np.array([pd["observed"]["mean"] for pd in cells])
+    for name in ("response", "bracket"):
+        pred = np.array([pd["predictions"][name]["mean"] for pd in cells])
+        got = sp["groups"]["all"][name]
+        assert got["n"] == len(cells) == score_predictors(a)["n_significant"] + score_predictors(b)[
+            "n_significant"]
+        assert got["sign_right"] == int((pred * obs > 0).sum())
+        assert got["median_ratio"] == pytest.approx(np.median(obs / pred))
+    # the CLI: two study directories -> pooled.md with each study's own row, and the figure
+    for name, data in (("s1", a), ("s2", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    out = tmp_path / "pooled"
+    assert main(["study", "pool", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(out)]) == 0
+    md = (out / "pooled.md").read_text()
+    assert (out / "predictors.png").stat().st_size > 10_000
+    resp = sp["groups"]["all"]["response"]
+    assert f"{resp['sign_right']}/{resp['n']}" in md
+    for name, data in (("s1", a), ("s2", b)):
+        one = score_predictors(data)
+        r = one["groups"]["all"]["response"]
+        assert f"| {tmp_path / name} | `synthetic` | {data['config']['seed']} | {one['n_significant']}/" \
+               f"{one['n_cells']} | {r['sign_right']}/{r['n']} · " in md
+    # refused: the same study twice (same config), one study, other domains, a damaged results.json
+    with pytest.raises(ValueError, match="same config"):
+        pool_studies({"s1": a, "again": a})
+    c = _synthetic(4)
+    c["domains"] = ["en", "de"]
+    with pytest.raises(ValueError, match="same domains"):
+        pool_studies({"s1": a, "c": c})
+    assert main(["study", "pool", str(tmp_path / "s1")]) != 0
+    assert main(["study", "pool", str(tmp_path / "s1"), str(tmp_path / "s1")]) != 0
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    assert main(["study", "pool", str(tmp_path / "s1"), str(tmp_path / "bad")]) != 0
+    assert not (tmp_path / "bad" / "pooled.md").exists()
+
+
+def test_seed_option_replaces_the_study_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import commute.study as study
+
+    seen = {}
+    monkeypatch.setattr(study, "_run_study", lambda cfg, *a, **k: seen.setdefault("cfg", cfg))
+    study.run_bilingual_study("tiny", tmp_path, seed=7, progress=False)
+    assert seen["cfg"].seed == 7 and get_preset("tiny").seed == 0
+    assert StudyConfig.from_yaml(tmp_path / "config.yaml").seed == 7  # re-running the config keeps it
 
 
 def test_three_domain_micro_study(tmp_path: Path) -> None:

@@ -41,6 +41,9 @@ def bilingual(
                                        "overrides --preset."),
     cache_dir: Path | None = typer.Option(None, help="Corpus and token cache (default ~/.cache/commute)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    seed: int | None = typer.Option(None, help="The study's seed (model init, sampler streams), overriding "
+                                    "the preset's or config's: run a preset under several seeds and "
+                                    "`commute study pool` them."),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N",
                              help="Run the arms (optimizer × variant) in N processes (at most one per arm), "
                              "each with the config's `threads`; on a GPU they share the device. Same "
@@ -54,10 +57,29 @@ def bilingual(
         raise CommuteError(f"Study config {config} does not exist.")
     opts = None if optimizer == _Opt.both else [optimizer.value]
     res = run_bilingual_study(preset.value, out, config=config, optimizers=opts, device=device,
-                              cache_dir=cache_dir, progress=not quiet, jobs=jobs,
+                              cache_dir=cache_dir, progress=not quiet, jobs=jobs, seed=seed,
                               log=lambda s: console.print(s, highlight=False))
     _print_summary(res.data)
     console.print(f"Report: [bold]{res.report_path.resolve()}[/]")
+
+
+def _damaged(out: Path) -> CommuteError:
+    return CommuteError(f"{out / 'results.json'} is damaged or incomplete; re-run `commute study bilingual "
+                        f"--out {out}` to rebuild it (finished runs are reused).")
+
+
+def _load_results(out: Path) -> dict:
+    """A study directory's results.json, checked to be a study's (one clear error otherwise)."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise CommuteError(f"{path} does not exist; run `commute study bilingual --out {out}` first.")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise _damaged(out) from None
+    if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or "domains" not in data:
+        raise _damaged(out)
+    return data
 
 
 @study_app.command("report")
@@ -65,20 +87,55 @@ def report(out: Path = typer.Argument(..., help="A study directory holding resul
     """Re-render report.md, figures and CSVs from a study's results.json (no training)."""
     from commute.report import render_report, summarise
 
-    path = out / "results.json"
-    if not path.is_file():
-        raise CommuteError(f"{path} does not exist; run `commute study bilingual --out {out}` first.")
+    data = _load_results(out)
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or "arms" not in data:
-            raise ValueError
         data["summary"] = summarise(data)
         report_path = render_report(data, out)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise CommuteError(f"{path} is damaged or incomplete; re-run `commute study bilingual --out {out}` "
-                           "to rebuild it (finished runs are reused).") from None
+        raise _damaged(out) from None
     console.print(f"Report: [bold]{report_path.resolve()}[/]")
     _print_summary(data)
+
+
+@study_app.command("pool")
+def pool(
+    studies: list[Path] = typer.Argument(..., help="Two or more study directories (e.g. one preset under "
+                                         "several --seed values)."),
+    out: Path = typer.Option(Path("reports/pooled"), "--out", help="Where pooled.md and its figure go."),
+) -> None:
+    """Score the predictors over the significant cells of several studies at once (no training)."""
+    from commute.report import predictors_table, render_pooled
+    from commute.scores import pool_studies, score_predictors
+
+    if len(studies) < 2:
+        raise CommuteError("commute study pool needs at least two study directories.")
+    names = [str(p) for p in studies]
+    if len(set(names)) < len(names):
+        raise CommuteError("a study directory is given twice; its cells would count twice.")
+    datas = {name: _load_results(p) for name, p in zip(names, studies, strict=True)}
+    try:
+        pooled = pool_studies(datas)
+    except ValueError as e:
+        raise CommuteError(str(e)) from None
+    try:
+        path = render_pooled(pooled, out)
+        table = predictors_table(pooled, score_predictors(pooled))
+    except (KeyError, TypeError, IndexError, AttributeError):
+        bad = next((n for n, d in datas.items() if not _scorable(d)), names[0])
+        raise _damaged(Path(bad)) from None
+    console.print(table)
+    console.print(f"Pooled report: [bold]{path.resolve()}[/]")
+
+
+def _scorable(data: dict) -> bool:
+    """Whether one study's results can be scored (to name the damaged one when pooling fails)."""
+    from commute.scores import score_predictors
+
+    try:
+        score_predictors(data)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return True
 
 
 def _print_summary(data: dict) -> None:
