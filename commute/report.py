@@ -207,9 +207,11 @@ def _summary_rows(s: Mapping[str, Any], bold: bool) -> list[list[str]]:
     return rows
 
 
-def predictors_table(data: Mapping[str, Any], predictors: Mapping[str, Any] | None = None) -> Any:
+def predictors_table(data: Mapping[str, Any], predictors: Mapping[str, Any] | None = None,
+                     details: str = "report.md") -> Any:
     """The predictors' scores on significant cells (arms, optimisers, all) as a :class:`rich.table.Table`;
-    ``predictors``: :func:`commute.scores.score_predictors`'s answer if already computed (pooled studies)."""
+    ``predictors``: :func:`commute.scores.score_predictors`'s answer if already computed (pooled studies);
+    ``details``: the file the caption points to for the per-target table."""
     from rich.table import Table
 
     pr = predictors if predictors is not None else _summary(data).get("predictors") or {}
@@ -234,7 +236,7 @@ def predictors_table(data: Mapping[str, Any], predictors: Mapping[str, Any] | No
     t.width = Measurement.get(wide, wide.options, t).maximum
     t.caption = (f"{pr.get('n_significant', 0)} of {pr.get('n_cells', 0)} cells (arm, t0, Δw, target) have a "
                  "significant observation (95 % t over the replicates); ρ = Spearman rank correlation, "
-                 "obs/pred = median observed/predicted. Per target domain and the verdict: report.md.")
+                 f"obs/pred = median observed/predicted. Per target domain and the verdict: {details}.")
     return t
 
 
@@ -578,9 +580,9 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
 
 
 def render_pooled(pooled: Mapping[str, Any], out_dir: str | Path, figures: bool = True) -> Path:
-    """Write ``pooled.md`` (and ``predictors.png``) for :func:`commute.scores.pool_studies`'s answer: the
-    predictors scored over the significant cells of all the studies, and each study's own score beside it
-    (how much the verdict moves from one seed to another); return its path."""
+    """Write ``pooled.md`` (and ``pooled_predictors.png``) for :func:`commute.scores.pool_studies`'s
+    answer: the predictors scored over the significant cells of all the studies, and each study's own score
+    beside it (how much the verdict moves from one seed to another); return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = {"predictors": score_predictors(pooled)}
@@ -609,7 +611,7 @@ def render_pooled(pooled: Mapping[str, Any], out_dir: str | Path, figures: bool 
                   *(PREDICTOR_NAMES[p].replace(" (sign only)", "") for p in PREDICTORS)], rows), "",
           "## Pooled", "", *_trust_md(s), _predictors_md(s), ""]
     if figures:
-        name = plot_predictors(pooled, out / "predictors.png").name
+        name = plot_predictors(pooled, out / "pooled_predictors.png").name  # never a study's own figure
         md += [f"![predictors]({name})", "",
                "Each predictor against the replicated observation over all the studies (± stderr bars; "
                "filled: significant observation), one symmetric-log scale per panel; the dashed line is "

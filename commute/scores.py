@@ -170,7 +170,11 @@ def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict
     out: dict[str, Any] = {"arms": {}, "optimizers": {}, "all": None}
     d1, d2 = data.get("pair") or data["domains"][:2]
     for arm in data["arms"]:
-        out["arms"][f"{arm['optimizer']}/{arm['variant']}"] = _arm_counts(arm, d1, d2, z_threshold)
+        key = f"{arm['optimizer']}/{arm['variant']}"
+        if key in out["arms"]:
+            raise ValueError(f"two arms are named {key}: summarise takes one study (pooled studies: "
+                             "score_predictors).")
+        out["arms"][key] = _arm_counts(arm, d1, d2, z_threshold)
 
     def total(keys: Sequence[str]) -> dict[str, Any]:
         rows = [out["arms"][k] for k in keys]
@@ -287,33 +291,74 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def pool_studies(studies: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Several studies' ``results.json`` data (name -> data; e.g. one preset under several seeds) as one
-    mapping for :func:`score_predictors` and the report's predictor figure: the union of their arms, each
-    tagged with its ``study``. Cells stay what they were (each is significant or not on its own
-    replicates); pooling only adds cells, so the scores rest on more of them. The studies must share the
-    domains and the intervention pair; the same study (same config, seed included) twice is refused, as
-    it would count its cells twice.
+    mapping for :func:`score_predictors` and :func:`commute.report.plot_predictors` (not for
+    :func:`summarise`, which keys arms by name): the union of their arms, each tagged with its ``study``.
+    Cells stay what they were (each is significant or not on its own replicates); pooling only adds cells,
+    so the scores rest on more of them. The studies must share the domains and the intervention pair and
+    have replicated observations, and no cell may be in two of them: a cell is its arm's run (the directory
+    name hashes everything that decides the trajectory, the seed included), t0, Δw and T, so the same
+    study twice, or a re-run of it with other estimator settings, is refused.
 
-    Raises ``ValueError`` naming the offending study."""
+    Raises ``ValueError`` with one sentence naming the offending study."""
     if len(studies) < 2:
         raise ValueError("pooling needs at least two studies.")
     arms: list[dict[str, Any]] = []
-    first, seen = None, {}
+    first: tuple[list[str], list[str]] | None = None
+    owner: dict[tuple[Any, ...], str] = {}
     for name, data in studies.items():
-        key = (list(data["domains"]), list(data.get("pair") or data["domains"][:2]))
+        domains, pair = _pool_check(name, data)
         if first is None:
-            first = key
-        elif key != first:
-            raise ValueError(f"study {name} has domains {key[0]} and pair {key[1]}, the first has {first[0]} "
+            first = (domains, pair)
+        elif (domains, pair) != first:
+            raise ValueError(f"study {name} has domains {domains} and pair {pair}, the first has {first[0]} "
                              f"and {first[1]}: only studies of the same domains pool.")
-        h = config_hash(data.get("config", {}))
-        if h in seen:
-            raise ValueError(f"studies {seen[h]} and {name} have the same config (seed included): the same "
-                             "cells would count twice. Pool studies run under different seeds or settings.")
-        seen[h] = name
-        arms += [{**arm, "study": name} for arm in data["arms"]]
+        for arm in data["arms"]:
+            run = str(arm.get("run_dir", "")).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or \
+                f"{arm['optimizer']}/{arm['variant']}/{config_hash(data.get('config', {}))}"
+            for c in arm["cells"]:
+                key = (run, c["t0"], c["delta_w"], c.get("T"))
+                if key in owner:
+                    raise ValueError(f"studies {owner[key]} and {name} share the cell {arm['optimizer']}/"
+                                     f"{arm['variant']} t0 = {c['t0']}, Δw = {c['delta_w']} (the same runs): "
+                                     "it would count twice. Pool studies run under different seeds or "
+                                     "settings.")
+                owner[key] = name
+            arms.append({**arm, "study": name})
     assert first is not None
     return {"domains": first[0], "pair": first[1], "arms": arms, "studies": list(studies),
             "configs": {name: data.get("config", {}) for name, data in studies.items()}}
+
+
+def _pool_check(name: str, data: Any) -> tuple[list[str], list[str]]:
+    """(domains, pair) of one study to pool, after checking the shape :func:`pool_studies` relies on."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"study {name} cannot be pooled: {why}.")
+
+    if not isinstance(data, Mapping):
+        raise bad("its results are not a JSON object")
+    domains = data.get("domains")
+    if not isinstance(domains, list) or len(domains) < 2 or not all(isinstance(d, str) for d in domains):
+        raise bad("'domains' is not a list of domain names")
+    pair = data.get("pair") or domains[:2]
+    if not isinstance(pair, list) or len(pair) != 2 or not set(pair) <= set(domains):
+        raise bad("'pair' is not two of its domains")
+    if not isinstance(data.get("config", {}), Mapping):
+        raise bad("'config' is not an object")
+    arms = data.get("arms")
+    if not isinstance(arms, list) or not all(isinstance(a, Mapping) and isinstance(a.get("cells"), list)
+                                             and {"optimizer", "variant"} <= set(a) for a in arms):
+        raise bad("'arms' is not a list of arms with cells")
+    n_obs = 0
+    for a in arms:
+        for c in a["cells"]:
+            pds = c.get("per_domain") if isinstance(c, Mapping) else None
+            if not isinstance(pds, Mapping) or not {"t0", "delta_w"} <= set(c) or not set(pds) <= {*domains}:
+                raise bad(f"a cell of {a['optimizer']}/{a['variant']} is not a cell of its domains")
+            n_obs += sum(isinstance(pd, Mapping) and "observed" in pd for pd in pds.values())
+    if not n_obs:
+        raise bad("it has no replicated observations (an empty study, or results from before replicates; "
+                  "re-run it with this version)")
+    return list(domains), list(pair)
 
 
 def _pair(pd: Mapping[str, Any], predictor: str) -> tuple[Any, ...]:

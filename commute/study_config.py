@@ -126,6 +126,8 @@ class StudyConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise CommuteError(f"{name} must be an integer, got {v!r}.")
+        if self.seed < 0:
+            raise CommuteError(f"seed must be >= 0, got {self.seed}.")
         if not isinstance(self.t0s, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                       for t in self.t0s):
             raise CommuteError(f"t0s must be a list of integer steps, got {self.t0s!r}.")

@@ -539,16 +539,21 @@ def test_study_cli_report_rerender(tmp_path: Path) -> None:
     assert main(["study", "report", str(tmp_path / "nowhere")]) != 0
 
 
+def _with_runs(data: dict, seed: int) -> dict:
+    """A synthetic study as the study writes it: its seed in the config, each arm's run directory."""
+    data["config"] = {**data["config"], "seed": seed}
+    for arm in data["arms"]:
+        arm["run_dir"] = f"/x/runs/{arm['optimizer']}-{arm['variant']}-seed{seed}"
+    return data
+
+
 def test_pooled_scores_are_those_of_the_union_of_cells(tmp_path: Path) -> None:
     """Pooling two studies scores every predictor on the union of their significant cells (an independent
-    numpy count), keeps each study's own score in the pooled report, and refuses what would count a cell
-    twice or mix domains, with one sentence from the CLI."""
+    numpy count) and keeps each study's own score in the pooled report."""
     from commute.cli import main
     from commute.scores import pool_studies
 
-    a, b = _synthetic(1), _synthetic(2)
-    a["config"] = {**a["config"], "seed": 1}
-    b["config"] = {**b["config"], "seed": 2}
+    a, b = _with_runs(_synthetic(1), 1), _with_runs(_synthetic(2), 2)
     pooled = pool_studies({"s1": a, "s2": b})
     sp = score_predictors(pooled)
     cells = [pd for data in (a, b) for arm in data["arms"] for c in arm["cells"]
@@ -561,6 +566,8 @@ def test_pooled_scores_are_those_of_the_union_of_cells(tmp_path: Path) -> None:
             "n_significant"]
         assert got["sign_right"] == int((pred * obs > 0).sum())
         assert got["median_ratio"] == pytest.approx(np.median(obs / pred))
+    with pytest.raises(ValueError, match="two arms are named"):  # summarise takes one study
+        summarise(pooled)
     # the CLI: two study directories -> pooled.md with each study's own row, and the figure
     for name, data in (("s1", a), ("s2", b)):
         (tmp_path / name).mkdir()
@@ -568,7 +575,7 @@ def test_pooled_scores_are_those_of_the_union_of_cells(tmp_path: Path) -> None:
     out = tmp_path / "pooled"
     assert main(["study", "pool", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(out)]) == 0
     md = (out / "pooled.md").read_text()
-    assert (out / "predictors.png").stat().st_size > 10_000
+    assert (out / "pooled_predictors.png").stat().st_size > 10_000
     resp = sp["groups"]["all"]["response"]
     assert f"{resp['sign_right']}/{resp['n']}" in md
     for name, data in (("s1", a), ("s2", b)):
@@ -576,29 +583,64 @@ def test_pooled_scores_are_those_of_the_union_of_cells(tmp_path: Path) -> None:
         r = one["groups"]["all"]["response"]
         assert f"| {tmp_path / name} | `synthetic` | {data['config']['seed']} | {one['n_significant']}/" \
                f"{one['n_cells']} | {r['sign_right']}/{r['n']} · " in md
-    # refused: the same study twice (same config), one study, other domains, a damaged results.json
-    with pytest.raises(ValueError, match="same config"):
-        pool_studies({"s1": a, "again": a})
-    c = _synthetic(4)
-    c["domains"] = ["en", "de"]
-    with pytest.raises(ValueError, match="same domains"):
-        pool_studies({"s1": a, "c": c})
-    assert main(["study", "pool", str(tmp_path / "s1")]) != 0
-    assert main(["study", "pool", str(tmp_path / "s1"), str(tmp_path / "s1")]) != 0
+
+
+def test_pooling_refuses_what_would_count_a_cell_twice_or_mix_studies(tmp_path: Path) -> None:
+    """Each refusal is one sentence naming the study, from the library and from the CLI (non-zero exit,
+    nothing written)."""
+    import copy
+
+    from commute.cli import main
+    from commute.scores import pool_studies
+
+    a = _with_runs(_synthetic(1), 1)
+    rerun = copy.deepcopy(a)  # the same runs re-estimated with other settings: same cells
+    rerun["config"]["threads"] = 2
+    other = _with_runs(_synthetic(4), 4)
+    other["domains"] = ["en", "de"]
+    for c in (c for arm in other["arms"] for c in arm["cells"]):
+        c["per_domain"] = {"de" if k == "ru" else k: v for k, v in c["per_domain"].items()}
+    old = _with_runs(_synthetic(5), 5)  # results from before replicates: no observation to score
+    for c in (c for arm in old["arms"] for c in arm["cells"]):
+        for pd in c["per_domain"].values():
+            pd.pop("observed")
+    stray = _with_runs(_synthetic(6), 6)  # a cell whose target is not one of the domains
+    stray["arms"][0]["cells"][0]["per_domain"]["de"] = stray["arms"][0]["cells"][0]["per_domain"]["ru"]
+    cases = {"rerun": (rerun, "share the cell"), "other": (other, "same domains"),
+             "old": (old, "no replicated observations"), "stray": (stray, "not a cell of its domains"),
+             "shape": ({"domains": 5, "arms": []}, "not a list of domain names")}
+    for name, (data, msg) in cases.items():
+        with pytest.raises(ValueError, match=msg):
+            pool_studies({"a": a, name: data})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(a))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{not json")
-    assert main(["study", "pool", str(tmp_path / "s1"), str(tmp_path / "bad")]) != 0
-    assert not (tmp_path / "bad" / "pooled.md").exists()
+    out = tmp_path / "out"
+    for args in (["a"], ["a", "a"], ["a", "bad"], ["a", "nowhere"], *(["a", n] for n in cases)):
+        assert main(["study", "pool", *(str(tmp_path / x) for x in args), "--out", str(out)]) != 0, args
+    assert not out.exists()
 
 
 def test_seed_option_replaces_the_study_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import commute.study as study
+    from commute.cli import main
 
-    seen = {}
-    monkeypatch.setattr(study, "_run_study", lambda cfg, *a, **k: seen.setdefault("cfg", cfg))
+    seen = []
+    monkeypatch.setattr(study, "_run_study", lambda cfg, *a, **k: seen.append(cfg))
     study.run_bilingual_study("tiny", tmp_path, seed=7, progress=False)
-    assert seen["cfg"].seed == 7 and get_preset("tiny").seed == 0
+    assert seen[-1].seed == 7 and get_preset("tiny").seed == 0
     assert StudyConfig.from_yaml(tmp_path / "config.yaml").seed == 7  # re-running the config keeps it
+    monkeypatch.setattr("commute.cli.study._print_summary", lambda data: None)
+    monkeypatch.setattr(study, "_run_study", lambda cfg, out, *a, **k: seen.append(cfg) or type(
+        "R", (), {"data": {}, "report_path": out / "report.md"})())
+    assert main(["study", "run", "--seed", "3", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert seen[-1].seed == 3
+    assert main(["study", "run", "--seed", "-1", "--out", str(tmp_path / "neg")]) != 0
+    with pytest.raises(CommuteError, match="seed must be >= 0"):
+        get_preset("tiny", seed=-1)
 
 
 def test_three_domain_micro_study(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -41,9 +42,9 @@ def bilingual(
                                        "overrides --preset."),
     cache_dir: Path | None = typer.Option(None, help="Corpus and token cache (default ~/.cache/commute)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
-    seed: int | None = typer.Option(None, help="The study's seed (model init, sampler streams), overriding "
-                                    "the preset's or config's: run a preset under several seeds and "
-                                    "`commute study pool` them."),
+    seed: int | None = typer.Option(None, min=0, help="The study's seed (model init, sampler streams), "
+                                    "overriding the preset's or config's: run a preset under several seeds "
+                                    "and `commute study pool` them."),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N",
                              help="Run the arms (optimizer × variant) in N processes (at most one per arm), "
                              "each with the config's `threads`; on a GPU they share the device. Same "
@@ -68,7 +69,7 @@ def _damaged(out: Path) -> CommuteError:
                         f"--out {out}` to rebuild it (finished runs are reused).")
 
 
-def _load_results(out: Path) -> dict:
+def _load_results(out: Path) -> dict[str, Any]:
     """A study directory's results.json, checked to be a study's (one clear error otherwise)."""
     path = out / "results.json"
     if not path.is_file():
@@ -119,21 +120,29 @@ def pool(
         raise CommuteError(str(e)) from None
     try:
         path = render_pooled(pooled, out)
-        table = predictors_table(pooled, score_predictors(pooled))
-    except (KeyError, TypeError, IndexError, AttributeError):
-        bad = next((n for n, d in datas.items() if not _scorable(d)), names[0])
+        table = predictors_table(pooled, score_predictors(pooled), details=path.name)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        bad = next((n for n, d in datas.items() if not _scorable(d)), None)
+        if bad is None:
+            raise CommuteError(f"the studies {', '.join(names)} passed the checks but could not be scored "
+                               "together; please report this.") from None
         raise _damaged(Path(bad)) from None
     console.print(table)
     console.print(f"Pooled report: [bold]{path.resolve()}[/]")
 
 
-def _scorable(data: dict) -> bool:
-    """Whether one study's results can be scored (to name the damaged one when pooling fails)."""
+def _scorable(data: dict[str, Any]) -> bool:
+    """Whether one study's results can be scored and drawn alone (to name the damaged one)."""
+    import tempfile
+
+    from commute.report import plot_predictors
     from commute.scores import score_predictors
 
     try:
         score_predictors(data)
-    except (KeyError, TypeError, IndexError, AttributeError):
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_predictors(data, Path(tmp) / "p.png")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return False
     return True
 
