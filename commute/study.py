@@ -748,10 +748,10 @@ def run_bilingual_study(
     ``config`` (a :class:`StudyConfig` or YAML path) overrides ``preset``; ``optimizers`` restricts it to
     e.g. ``["adam"]``; ``seed`` replaces its seed (model init and sampler streams: several seeds of one
     preset pool with :func:`commute.scores.pool_studies`). Everything lands in ``out_dir``:
-    ``config.yaml`` (re-run with it), ``runs/``
-    (base runs and branches, each cached by a config hash, so a re-run skips finished work and an
-    interrupted study resumes), ``results.json`` and the report (``report.md``, PNGs, CSVs). Progress
-    lines (token checks, stages) go to ``log`` (default: the ``commute`` logger).
+    ``config.yaml`` (re-run with it), ``runs/`` (base runs and branches, each cached by a config hash, so
+    a re-run skips finished work and an interrupted study resumes), ``results.json`` and the report
+    (``report.md``, PNGs, CSVs). Progress lines (token checks, stages) go to ``log`` (default: the
+    ``commute`` logger).
 
     ``jobs`` > 1 runs the arms in that many spawned processes (at most one per arm), each with the
     config's ``threads``; on a GPU they share the device. The results are those of ``jobs=1``. A script
