@@ -332,7 +332,8 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
     pr = s.get("predictors") or {}
     groups = pr.get("groups", {})
     header = ["cells", "predictor", "significant cells", "sign right", "Spearman ρ", "median obs/pred",
-              "worst fold off", "where |pred| > 2 se: sign · ρ · obs/pred · worst", "obs within 2 se of pred"]
+              "if unbiased (5–95 %)", "worst fold off", "where |pred| > 2 se: sign · ρ · obs/pred · worst",
+              "obs within 2 se of pred"]
     rows = []
     for g, by in groups.items():
         for p, sc in by.items():
@@ -345,8 +346,30 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
             within = (f"{sc['within_2se']}/{sc['n_with_se']}" if sc.get("n_with_se") else "–")
             rows.append([g, PREDICTOR_NAMES.get(p, p), str(sc["n"]),
                          f"{sc['sign_right']}/{sc['n']}" if sc["n"] else "–", _f(sc["spearman"], ".2f"),
-                         _f(sc["median_ratio"], ".2g"), _f(sc["max_fold"], ".2g"), conf, within])
+                         _f(sc["median_ratio"], ".2g"), _band(sc, "median_ratio_unbiased"),
+                         _f(sc["max_fold"], ".2g"), conf, within])
     return _table(header, rows)
+
+
+def _band(sc: Mapping[str, Any], key: str) -> str:
+    """``lo–hi`` of a score's 5–95 % band (– when absent, as in results from older versions)."""
+    lo, hi = sc.get(key + "_lo"), sc.get(key + "_hi")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "–"
+    return f"{_f(lo, '.2g')}–{_f(hi, '.2g')}"
+
+
+def _bias_clause(sc: Mapping[str, Any], key: str) -> str:
+    """Whether a median observed/predicted is what noise alone would give: a clause comparing it with the
+    band of an unbiased predictor with the same stderrs (empty when the band is absent)."""
+    band, med = _band(sc, key + "_unbiased"), sc.get(key)
+    if band == "–" or med is None or not math.isfinite(med):
+        return ""
+    lo, hi = sc[key + "_unbiased_lo"], sc[key + "_unbiased_hi"]
+    verdict = ("within it: no evidence of a bias in size" if lo <= med <= hi else
+               "below it: too large beyond its noise" if med < lo else "above it: too small beyond its noise")
+    return (f" (an unbiased predictor with the stderrs it states would give {band} in 90 % of draws; "
+            f"{verdict})")
 
 
 def _trust_md(s: Mapping[str, Any]) -> list[str]:
@@ -375,15 +398,16 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
     if "response" in pr and pr["response"]["n"]:
         r = pr["response"]
         out[0] += (f"; the size of a trade-off by the linear response only within its measured spread: "
-                   f"median observed/predicted {_f(r['median_ratio'], '.2g')}, worst cell off by "
-                   f"{_f(r['max_fold'], '.2g')}×")
+                   f"median observed/predicted {_f(r['median_ratio'], '.2g')}"
+                   f"{_bias_clause(r, 'median_ratio')}, worst cell off by {_f(r['max_fold'], '.2g')}×")
     if "response" in pr and pr["response"].get("n_with_se"):
         r = pr["response"]
         out[0] += (f". Does the response's stderr tell the truth? Where its prediction is itself beyond 2 "
                    f"stderr its sign is right in {r['sign_right_confident']}/{r['n_confident']} cells"
                    + (f" (there ρ = {_f(r['spearman_confident'], '.2f')}, median observed/predicted "
-                      f"{_f(r['median_ratio_confident'], '.2g')}, worst cell off by "
-                      f"{_f(r['max_fold_confident'], '.2g')}×)" if r["n_confident"] else "")
+                      f"{_f(r['median_ratio_confident'], '.2g')}"
+                      f"{_bias_clause(r, 'median_ratio_confident').replace(' (', ', ', 1).rstrip(')')}, "
+                      f"worst cell off by {_f(r['max_fold_confident'], '.2g')}×)" if r["n_confident"] else "")
                    + ", and "
                    f"the observation lies within 2 combined stderr of it in "
                    f"{r['within_2se']}/{r['n_with_se']} (compare the predictors with each other, not with "

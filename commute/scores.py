@@ -217,15 +217,22 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str,
     is itself beyond 2 stderr, and how many of those have the right sign), ``spearman_confident``,
     ``median_ratio_confident`` and ``max_fold_confident`` (the same scores on those cells only: what a user
     who acts only on confident predictions gets) and ``within_2se`` (cells where
-    |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²), of ``n_with_se``). ``magnitude=False`` (a sign-only
-    predictor): counts only."""
+    |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²), of ``n_with_se``). And what the median ratio would
+    be if the predictor were *unbiased* with the stderr it states (:func:`_unbiased_medians`):
+    ``median_ratio_unbiased`` with its 5–95 % band ``median_ratio_unbiased_lo``/``_hi`` (and the same for
+    the confident cells, ``..._confident_unbiased...``): a noisy denominator pulls the median of
+    observed/predicted below 1 by itself, so compare the median with this band, not with 1. Tuples may
+    carry the degrees of freedom of the two stderrs as a 5th and 6th element (Student-t noise; normal when
+    absent). ``magnitude=False`` (a sign-only predictor): counts only."""
 
     def fin(x: Any) -> bool:
         return x is not None and math.isfinite(x)
 
-    if any(len(t) not in (2, 4) for t in pairs):
-        raise ValueError("score takes (pred, obs) or (pred, obs, pred se, obs se) tuples.")
-    rows = [(float(t[0]), float(t[1]), *(t[2:4] if len(t) == 4 else (None, None)))
+    if any(len(t) not in (2, 4, 6) for t in pairs):
+        raise ValueError("score takes (pred, obs), (pred, obs, pred se, obs se) or (pred, obs, pred se, "
+                         "obs se, pred dof, obs dof) tuples.")
+    rows = [(float(t[0]), float(t[1]), *(t[2:4] if len(t) >= 4 else (None, None)),
+             *(t[4:6] if len(t) == 6 else (None, None)))
             for t in pairs if fin(t[0]) and fin(t[1])]
     n = len(rows)
     out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o, *_ in rows),
@@ -233,12 +240,51 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str,
     if not magnitude:
         return out
     out.update(_magnitudes([(p, o) for p, o, *_ in rows], ""))
-    with_se = [(p, o, float(sp), float(so)) for p, o, sp, so in rows if fin(sp) and fin(so)]
-    confident = [(p, o) for p, o, sp, _ in with_se if abs(p) > 2 * sp]
+    with_se = [(p, o, float(sp), float(so), dp, do) for p, o, sp, so, dp, do in rows if fin(sp) and fin(so)]
+    confident = [(p, o) for p, o, sp, *_ in with_se if abs(p) > 2 * sp]
     out.update(n_with_se=len(with_se), n_confident=len(confident),
                sign_right_confident=sum(p * o > 0 for p, o in confident),
-               within_2se=sum(abs(o - p) <= 2 * math.hypot(sp, so) for p, o, sp, so in with_se))
+               within_2se=sum(abs(o - p) <= 2 * math.hypot(sp, so) for p, o, sp, so, *_ in with_se))
     out.update(_magnitudes(confident, "_confident"))
+    out.update(_unbiased_medians(with_se))
+    return out
+
+
+def _unbiased_medians(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The median observed/predicted an *unbiased* predictor with the stated stderrs would give on these
+    cells (parametric bootstrap, seeded, so a report is reproducible). Per cell, the common truth is the
+    precision-weighted mean τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) of prediction and observation (both
+    unbiased for it under this hypothesis); each draw replaces them by τ + s_p·ε_p and τ + s_o·ε_o (ε
+    Student t with the given dof, standard normal without) and takes the median ratio over the cells, and
+    over the cells whose drawn prediction is beyond 2 s_p. Returns the median over draws and its 5 % and
+    95 % quantiles for both (NaN without cells). The cell set is held fixed (not re-selected)."""
+    keys = ("median_ratio_unbiased", "median_ratio_confident_unbiased")
+    out = {k + x: math.nan for k in keys for x in ("", "_lo", "_hi")}
+    if not rows:
+        return out
+    p, o, sp, so = (np.array([r[i] for r in rows], dtype=float) for i in range(4))
+    dp, do = (np.array([r[i] if r[i] is not None and r[i] >= 1 else np.inf for r in rows], dtype=float)
+              for i in (4, 5))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wp, wo = 1 / sp**2, 1 / so**2
+        tau = np.where(sp == 0, p, np.where(so == 0, o, (p * wp + o * wo) / (wp + wo)))
+    rng = np.random.default_rng(seed)
+
+    def noise(dof: np.ndarray) -> np.ndarray:
+        z = rng.standard_normal((draws, len(rows)))
+        t = rng.standard_t(np.where(np.isfinite(dof), dof, 1.0), (draws, len(rows)))
+        return np.where(np.isfinite(dof), t, z)
+
+    ps, os_ = tau + sp * noise(dp), tau + so * noise(do)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(ps != 0, os_ / ps, np.nan)
+    med = np.nanmedian(ratio, axis=1)
+    conf = np.abs(ps) > 2 * sp
+    medc = np.array([np.median(r[c]) for r, c in zip(ratio, conf, strict=True) if c.any()])
+    for k, m in zip(keys, (med, medc), strict=True):
+        m = m[np.isfinite(m)]
+        if len(m):
+            out[k], out[k + "_lo"], out[k + "_hi"] = (float(np.quantile(m, q)) for q in (0.5, 0.05, 0.95))
     return out
 
 
@@ -262,7 +308,7 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
     (EL^12 − EL^21)/2 beyond the 95 % t threshold), per arm, per optimiser, overall, and per target domain
     within each of those. Returns ``{"groups": {group: {predictor: score}}, "n_cells", "n_significant"}``
     with groups named ``adam/balanced``, ``adam``, ``all``, ``adam: L=en``, ``all: L=en``, ..."""
-    groups: dict[str, list[tuple[Mapping[str, Any], str]]] = {}
+    groups: dict[str, list[dict[str, tuple[Any, ...]]]] = {}
     n_cells = 0
     for arm in data["arms"]:
         for c in arm["cells"]:
@@ -272,9 +318,10 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
                 n_cells += 1
                 if not pd["observed"]["significant"]:
                     continue
+                pairs = {p: _pair(pd, p, _prediction_dof(arm, c["t0"], d, p)) for p in PREDICTORS}
                 for g in (f"{arm['optimizer']}/{arm['variant']}", arm["optimizer"], "all",
                           f"{arm['optimizer']}: L={d}", f"all: L={d}"):
-                    groups.setdefault(g, []).append((pd, d))
+                    groups.setdefault(g, []).append(pairs)
     out: dict[str, Any] = {"groups": {}, "n_cells": n_cells,
                            "n_significant": len(groups.get("all", []))}
     # arms, optimisers, all, then per target domain
@@ -284,7 +331,7 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
     order = sorted(groups, key=rank)
     for g in order:
         out["groups"][g] = {
-            p: score([_pair(pd, p) for pd, _ in groups[g]], magnitude=p != "recency")
+            p: score([pairs[p] for pairs in groups[g]], magnitude=p != "recency")
             for p in PREDICTORS}
     return out
 
@@ -361,7 +408,22 @@ def _pool_check(name: str, data: Any) -> tuple[list[str], list[str]]:
     return list(domains), list(pair)
 
 
-def _pair(pd: Mapping[str, Any], predictor: str) -> tuple[Any, ...]:
-    """(predicted, observed, predicted se, observed se) of one cell and target for :func:`score`."""
+def _pair(pd: Mapping[str, Any], predictor: str, dof: int | None = None) -> tuple[Any, ...]:
+    """(predicted, observed, predicted se, observed se, predicted dof, observed dof) of one cell and target
+    for :func:`score` (a dof is None where unknown)."""
     e = pd.get("predictions", {}).get(predictor) or {}
-    return e.get("mean"), pd["observed"]["mean"], e.get("stderr"), pd["observed"].get("stderr")
+    n = pd["observed"].get("n")
+    return (e.get("mean"), pd["observed"]["mean"], e.get("stderr"), pd["observed"].get("stderr"), dof,
+            int(n) - 1 if isinstance(n, int) else None)
+
+
+def _prediction_dof(arm: Mapping[str, Any], t0: Any, domain: str, predictor: str) -> int | None:
+    """Degrees of freedom of a cell's prediction: the bracket's P (:func:`p_dof`); the response's and the
+    alignment's, replays − 1 (groups − 1 with one replay) as stored with the window's estimate."""
+    if predictor == "bracket":
+        return p_dof(arm, t0, domain)
+    for r in arm.get("responses", []):
+        if r.get("step") == t0:
+            n = ((r.get("unit") or {}).get(domain) or {}).get(predictor, {}).get("n")
+            return int(n) - 1 if isinstance(n, int) else None
+    return None

@@ -104,7 +104,8 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
                    "Table 4 analogue", "Locality sweep", "Table 2", "Table 3", "adam / imbalanced (0.9, 0.1)",
                    "linear response Σδw·G", "Spearman ρ",
                    "where \\|pred\\| > 2 se: sign · ρ · obs/pred · worst",  # a cell's | escaped
-                   "second order in γT; g_L from training-split batches"):  # results without a target
+                   "second order in γT; g_L from training-split batches",  # results without a target
+                   "if unbiased (5–95 %)", "an unbiased predictor with the stderrs it states would give"):
         assert needle in md, needle
     # interventions that remove a domain (Δw ≥ its base weight) are named: once per imbalanced arm, and
     # counted over the significant cells (here every imbalanced cell: ru's base weight is 0.1)
@@ -175,6 +176,37 @@ def test_predictor_scores_against_an_independent_count() -> None:
         resp = sp["groups"][group]["response"]
         assert 0 < resp["within_2se"] < resp["n"] and resp["n_confident"] == resp["n"]
     assert partial > 0
+
+
+def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_one() -> None:
+    """The band of median observed/predicted an unbiased predictor would give, checked by simulation: cells
+    whose predictions really are unbiased with their stated stderr (Student t, 2 dof, as 3 replays) land
+    inside the 5-95 % band in about 90 % of studies although their median ratio is well below 1 (a noisy
+    denominator); predictions 3x too large with a small stderr land below it in most studies."""
+    from commute.scores import score
+
+    rng = np.random.default_rng(1)
+    inside, below, medians = 0, 0, []
+    n_studies = 150
+    for _ in range(n_studies):
+        truth = rng.choice([-1, 1], 25) * rng.uniform(0.01, 0.05, 25)
+        sp = np.abs(truth) * rng.uniform(0.3, 1.2, 25)  # prediction stderr comparable to the effect
+        so = np.abs(truth) * 0.3
+        pred = truth + sp * rng.standard_t(2, 25)
+        obs = truth + so * rng.standard_t(4, 25)
+        sc = score([(p, o, a, b, 2, 4) for p, o, a, b in zip(pred, obs, sp, so, strict=True)])
+        medians.append(sc["median_ratio"])
+        inside += sc["median_ratio_unbiased_lo"] <= sc["median_ratio"] <= sc["median_ratio_unbiased_hi"]
+        biased = score([(3 * t + 0.05 * abs(t) * rng.standard_normal(), o, 0.05 * abs(t), b, 2, 4)
+                        for t, o, b in zip(truth, obs, so, strict=True)])
+        below += biased["median_ratio"] < biased["median_ratio_unbiased_lo"]
+    assert np.median(medians) < 0.85  # the plain median ratio of an unbiased predictor is biased low
+    assert 0.8 * n_studies <= inside <= 0.98 * n_studies, inside
+    assert below >= 0.9 * n_studies, below
+    # seeded: the same cells give the same band; without stderrs there is none
+    rows = [(0.02, 0.01, 0.01, 0.002, 2, 2), (-0.03, -0.02, 0.02, 0.004, 2, 2)]
+    assert score(rows) == score(rows)
+    assert math.isnan(score([(0.02, 0.01)])["median_ratio_unbiased"])
 
 
 def test_confident_scores_are_nan_without_enough_confident_cells() -> None:
