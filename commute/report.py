@@ -97,7 +97,7 @@ def _summary(data: Mapping[str, Any]) -> dict[str, Any]:
     s = data.get("summary")
     resp = (((s or {}).get("predictors") or {}).get("groups") or {}).get("all", {}).get("response", {})
     if not s or "predictions_right" not in (s.get("all") or {}) or "significance" not in s \
-            or ("n_with_se" in resp and "spearman_confident" not in resp):
+            or ("n_with_se" in resp and "median_ratio_unbiased" not in resp):
         s = summarise(data)
     return dict(s)
 
