@@ -352,11 +352,11 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
 
 
 def _band(sc: Mapping[str, Any], key: str) -> str:
-    """``lo–hi`` of a score's 5–95 % band (– when absent, as in results from older versions)."""
+    """``[lo, hi]`` of a score's 5–95 % band (– when absent, as in results from older versions)."""
     lo, hi = sc.get(key + "_lo"), sc.get(key + "_hi")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return "–"
-    return f"{_f(lo, '.2g')}–{_f(hi, '.2g')}"
+    return f"[{_f(lo, '.2g')}, {_f(hi, '.2g')}]"
 
 
 def _bias_clause(sc: Mapping[str, Any], key: str) -> str:
@@ -367,7 +367,10 @@ def _bias_clause(sc: Mapping[str, Any], key: str) -> str:
         return ""
     lo, hi = sc[key + "_unbiased_lo"], sc[key + "_unbiased_hi"]
     verdict = ("within it: no evidence of a bias in size" if lo <= med <= hi else
-               "below it: too large beyond its noise" if med < lo else "above it: too small beyond its noise")
+               "below it, and negative: mostly the wrong sign" if med <= 0 < lo else
+               "below it: predictions too large beyond their noise" if med < lo else
+               "above it: predictions too small beyond their noise, or observations selected for being "
+               "large")
     return (f" (an unbiased predictor with the stderrs it states would give {band} in 90 % of draws; "
             f"{verdict})")
 

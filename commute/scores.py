@@ -7,6 +7,7 @@ Every function here is pure over the JSON-able ``data`` of ``results.json`` (lay
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -208,22 +209,25 @@ def summarise(data: Mapping[str, Any], z_threshold: float | None = None) -> dict
 PREDICTORS = ("response", "bracket", "alignment", "recency")
 
 
-def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str, Any]:
-    """Scores of (predicted, observed[, predicted se, observed se]) tuples (the caller keeps only significant
-    observations): ``n``; ``sign_right``; ``spearman`` (rank correlation, needs n ≥ 3 and magnitudes);
-    ``median_ratio`` (median observed/predicted); ``max_fold`` (the largest of |obs/pred| and |pred/obs|: how
-    far the worst cell's magnitude is off, whatever its sign). Where the stderrs are given, does the predictor
-    tell the truth about its uncertainty: ``n_confident`` / ``sign_right_confident`` (cells whose prediction
-    is itself beyond 2 stderr, and how many of those have the right sign), ``spearman_confident``,
-    ``median_ratio_confident`` and ``max_fold_confident`` (the same scores on those cells only: what a user
-    who acts only on confident predictions gets) and ``within_2se`` (cells where
-    |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²), of ``n_with_se``). And what the median ratio would
-    be if the predictor were *unbiased* with the stderr it states (:func:`_unbiased_medians`):
-    ``median_ratio_unbiased`` with its 5–95 % band ``median_ratio_unbiased_lo``/``_hi`` (and the same for
-    the confident cells, ``..._confident_unbiased...``): a noisy denominator pulls the median of
-    observed/predicted below 1 by itself, so compare the median with this band, not with 1. Tuples may
-    carry the degrees of freedom of the two stderrs as a 5th and 6th element (Student-t noise; normal when
-    absent). ``magnitude=False`` (a sign-only predictor): counts only."""
+def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True,
+          groups: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Scores of (predicted, observed[, predicted se, observed se[, predicted dof, observed dof]]) tuples
+    (the caller keeps only significant observations): ``n``; ``sign_right``; ``spearman`` (rank
+    correlation, needs n ≥ 3 and magnitudes); ``median_ratio`` (median observed/predicted); ``max_fold``
+    (the largest of |obs/pred| and |pred/obs|: how far the worst cell's magnitude is off, whatever its
+    sign). Where the stderrs are given, does the predictor tell the truth about its uncertainty:
+    ``n_confident`` / ``sign_right_confident`` (cells whose prediction is itself beyond 2 stderr, and how
+    many of those have the right sign), ``spearman_confident``, ``median_ratio_confident`` and
+    ``max_fold_confident`` (the same scores on those cells only: what a user who acts only on confident
+    predictions gets) and ``within_2se`` (cells where |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²),
+    of ``n_with_se``). And what the median ratio would be if the predictor were *unbiased* with the stderr
+    it states (:func:`_unbiased_medians`; only when every cell has stderrs): ``median_ratio_unbiased`` with
+    its 5–95 % band ``median_ratio_unbiased_lo``/``_hi`` (and ``median_ratio_confident_unbiased...``): a
+    noisy denominator pulls the median of observed/predicted below 1 by itself, so compare the median with
+    this band, not with 1. The dofs give Student-t noise (normal without). ``groups``: one key per tuple;
+    cells with the same key share one prediction estimate (the study's Δw cells of one arm, t0 and target
+    are one estimate times Δw), so their prediction errors are drawn together. ``magnitude=False`` (a
+    sign-only predictor): counts only."""
 
     def fin(x: Any) -> bool:
         return x is not None and math.isfinite(x)
@@ -231,33 +235,43 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True) -> dict[str,
     if any(len(t) not in (2, 4, 6) for t in pairs):
         raise ValueError("score takes (pred, obs), (pred, obs, pred se, obs se) or (pred, obs, pred se, "
                          "obs se, pred dof, obs dof) tuples.")
+    keys = list(groups) if groups is not None else list(range(len(pairs)))
+    if len(keys) != len(pairs):
+        raise ValueError("score needs one group key per tuple.")
     rows = [(float(t[0]), float(t[1]), *(t[2:4] if len(t) >= 4 else (None, None)),
-             *(t[4:6] if len(t) == 6 else (None, None)))
-            for t in pairs if fin(t[0]) and fin(t[1])]
+             *(t[4:6] if len(t) == 6 else (None, None)), g)
+            for t, g in zip(pairs, keys, strict=True) if fin(t[0]) and fin(t[1])]
     n = len(rows)
     out: dict[str, Any] = {"n": n, "sign_right": sum(p * o > 0 for p, o, *_ in rows),
                            "spearman": math.nan, "median_ratio": math.nan, "max_fold": math.nan}
     if not magnitude:
         return out
     out.update(_magnitudes([(p, o) for p, o, *_ in rows], ""))
-    with_se = [(p, o, float(sp), float(so), dp, do) for p, o, sp, so, dp, do in rows if fin(sp) and fin(so)]
+    with_se = [(p, o, abs(float(sp)), abs(float(so)), dp, do, g) for p, o, sp, so, dp, do, g in rows
+               if fin(sp) and fin(so)]
     confident = [(p, o) for p, o, sp, *_ in with_se if abs(p) > 2 * sp]
     out.update(n_with_se=len(with_se), n_confident=len(confident),
                sign_right_confident=sum(p * o > 0 for p, o in confident),
                within_2se=sum(abs(o - p) <= 2 * math.hypot(sp, so) for p, o, sp, so, *_ in with_se))
     out.update(_magnitudes(confident, "_confident"))
-    out.update(_unbiased_medians(with_se))
+    out.update(_unbiased_medians(with_se if len(with_se) == n else []))  # the band of the same cells
     return out
 
 
 def _unbiased_medians(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
     """The median observed/predicted an *unbiased* predictor with the stated stderrs would give on these
-    cells (parametric bootstrap, seeded, so a report is reproducible). Per cell, the common truth is the
-    precision-weighted mean τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) of prediction and observation (both
-    unbiased for it under this hypothesis); each draw replaces them by τ + s_p·ε_p and τ + s_o·ε_o (ε
-    Student t with the given dof, standard normal without) and takes the median ratio over the cells, and
-    over the cells whose drawn prediction is beyond 2 s_p. Returns the median over draws and its 5 % and
-    95 % quantiles for both (NaN without cells). The cell set is held fixed (not re-selected)."""
+    cells, rows (p, o, s_p, s_o, dof_p, dof_o, group); a parametric bootstrap, seeded so that a report is
+    reproducible. Per cell, the common truth is the precision-weighted mean
+    τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) of prediction and observation (both unbiased for it under this
+    hypothesis); each draw replaces them by τ + s_p·ε_p and τ + s_o·ε_o (ε Student t with the given dof,
+    standard normal without; one ε_p per group: cells of a group share their prediction's error) and takes
+    the median ratio over the cells, and over the cells whose drawn prediction is beyond 2 s_p (the
+    confident subset is drawn anew each time; the cells themselves, those with a significant observation,
+    are held fixed). Returns the median over draws and its 5 % and 95 % quantiles for both (NaN without
+    cells). Not modelled: the observations' errors, correlated across a group's Δw by common sampler seeds
+    (drawn independently here: the band is somewhat too narrow), and, both pushing an unbiased predictor's
+    median *above* the band, the selection of cells on a significant observation (which pulls
+    observations away from 0) and stderrs estimated from a few samples."""
     keys = ("median_ratio_unbiased", "median_ratio_confident_unbiased")
     out = {k + x: math.nan for k in keys for x in ("", "_lo", "_hi")}
     if not rows:
@@ -265,22 +279,28 @@ def _unbiased_medians(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: 
     p, o, sp, so = (np.array([r[i] for r in rows], dtype=float) for i in range(4))
     dp, do = (np.array([r[i] if r[i] is not None and r[i] >= 1 else np.inf for r in rows], dtype=float)
               for i in (4, 5))
+    gid = {g: k for k, g in enumerate(dict.fromkeys(r[6] for r in rows))}
+    cell_group = np.array([gid[r[6]] for r in rows])
     with np.errstate(divide="ignore", invalid="ignore"):
         wp, wo = 1 / sp**2, 1 / so**2
         tau = np.where(sp == 0, p, np.where(so == 0, o, (p * wp + o * wo) / (wp + wo)))
     rng = np.random.default_rng(seed)
 
     def noise(dof: np.ndarray) -> np.ndarray:
-        z = rng.standard_normal((draws, len(rows)))
-        t = rng.standard_t(np.where(np.isfinite(dof), dof, 1.0), (draws, len(rows)))
-        return np.where(np.isfinite(dof), t, z)
+        t = np.isfinite(dof)
+        out = np.empty((draws, len(dof)))
+        out[:, ~t] = rng.standard_normal((draws, int((~t).sum())))
+        out[:, t] = rng.standard_t(dof[t], (draws, int(t.sum())))
+        return out
 
-    ps, os_ = tau + sp * noise(dp), tau + so * noise(do)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    first = np.array([np.flatnonzero(cell_group == k)[0] for k in range(len(gid))])
+    ps = tau + sp * noise(dp[first])[:, cell_group]  # one prediction error per group
+    os_ = tau + so * noise(do)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw without confident cells: its median is NaN
         ratio = np.where(ps != 0, os_ / ps, np.nan)
-    med = np.nanmedian(ratio, axis=1)
-    conf = np.abs(ps) > 2 * sp
-    medc = np.array([np.median(r[c]) for r, c in zip(ratio, conf, strict=True) if c.any()])
+        med = np.nanmedian(ratio, axis=1) if np.isnan(ratio).any() else np.median(ratio, axis=1)
+        medc = np.nanmedian(np.where(np.abs(ps) > 2 * sp, ratio, np.nan), axis=1)
     for k, m in zip(keys, (med, medc), strict=True):
         m = m[np.isfinite(m)]
         if len(m):
@@ -308,7 +328,7 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
     (EL^12 − EL^21)/2 beyond the 95 % t threshold), per arm, per optimiser, overall, and per target domain
     within each of those. Returns ``{"groups": {group: {predictor: score}}, "n_cells", "n_significant"}``
     with groups named ``adam/balanced``, ``adam``, ``all``, ``adam: L=en``, ``all: L=en``, ..."""
-    groups: dict[str, list[dict[str, tuple[Any, ...]]]] = {}
+    groups: dict[str, list[tuple[dict[str, tuple[Any, ...]], tuple[Any, ...]]]] = {}
     n_cells = 0
     for arm in data["arms"]:
         for c in arm["cells"]:
@@ -319,9 +339,11 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
                 if not pd["observed"]["significant"]:
                     continue
                 pairs = {p: _pair(pd, p, _prediction_dof(arm, c["t0"], d, p)) for p in PREDICTORS}
+                # the Δw cells of one (study, arm, t0, target) share one prediction estimate
+                key = (arm.get("study"), arm["optimizer"], arm["variant"], c["t0"], d)
                 for g in (f"{arm['optimizer']}/{arm['variant']}", arm["optimizer"], "all",
                           f"{arm['optimizer']}: L={d}", f"all: L={d}"):
-                    groups.setdefault(g, []).append(pairs)
+                    groups.setdefault(g, []).append((pairs, key))
     out: dict[str, Any] = {"groups": {}, "n_cells": n_cells,
                            "n_significant": len(groups.get("all", []))}
     # arms, optimisers, all, then per target domain
@@ -331,7 +353,8 @@ def score_predictors(data: Mapping[str, Any]) -> dict[str, Any]:
     order = sorted(groups, key=rank)
     for g in order:
         out["groups"][g] = {
-            p: score([pairs[p] for pairs in groups[g]], magnitude=p != "recency")
+            p: score([pairs[p] for pairs, _ in groups[g]], magnitude=p != "recency",
+                     groups=[key for _, key in groups[g]])
             for p in PREDICTORS}
     return out
 

@@ -182,12 +182,13 @@ def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_on
     """The band of median observed/predicted an unbiased predictor would give, checked by simulation: cells
     whose predictions really are unbiased with their stated stderr (Student t, 2 dof, as 3 replays) land
     inside the 5-95 % band in about 90 % of studies although their median ratio is well below 1 (a noisy
-    denominator); predictions 3x too large with a small stderr land below it in most studies."""
+    denominator), on all cells and on the confident ones; predictions 3x too large with a small stderr land
+    below it in most studies; and an observation noisier than the prediction changes nothing."""
     from commute.scores import score
 
     rng = np.random.default_rng(1)
-    inside, below, medians = 0, 0, []
-    n_studies = 150
+    inside, inside_conf, n_conf, inside_noisy_obs, below, medians = 0, 0, 0, 0, 0, []
+    n_studies = 120
     for _ in range(n_studies):
         truth = rng.choice([-1, 1], 25) * rng.uniform(0.01, 0.05, 25)
         sp = np.abs(truth) * rng.uniform(0.3, 1.2, 25)  # prediction stderr comparable to the effect
@@ -197,16 +198,65 @@ def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_on
         sc = score([(p, o, a, b, 2, 4) for p, o, a, b in zip(pred, obs, sp, so, strict=True)])
         medians.append(sc["median_ratio"])
         inside += sc["median_ratio_unbiased_lo"] <= sc["median_ratio"] <= sc["median_ratio_unbiased_hi"]
+        if sc["n_confident"] >= 3:
+            n_conf += 1
+            inside_conf += (sc["median_ratio_confident_unbiased_lo"] <= sc["median_ratio_confident"]
+                            <= sc["median_ratio_confident_unbiased_hi"])
+        # the observation the noisier one: truth is then closer to the prediction than to the observation
+        so2, sp2 = np.abs(truth) * 0.8, np.abs(truth) * 0.2
+        sc2 = score([(t + a * rng.standard_t(2), t + b * rng.standard_t(4), a, b, 2, 4)
+                     for t, a, b in zip(truth, sp2, so2, strict=True)])
+        lo2, hi2 = sc2["median_ratio_unbiased_lo"], sc2["median_ratio_unbiased_hi"]
+        inside_noisy_obs += lo2 <= sc2["median_ratio"] <= hi2
         biased = score([(3 * t + 0.05 * abs(t) * rng.standard_normal(), o, 0.05 * abs(t), b, 2, 4)
                         for t, o, b in zip(truth, obs, so, strict=True)])
         below += biased["median_ratio"] < biased["median_ratio_unbiased_lo"]
     assert np.median(medians) < 0.85  # the plain median ratio of an unbiased predictor is biased low
-    assert 0.8 * n_studies <= inside <= 0.98 * n_studies, inside
+    for hits, n in ((inside, n_studies), (inside_conf, n_conf), (inside_noisy_obs, n_studies)):
+        assert n >= 0.5 * n_studies and 0.8 * n <= hits <= 0.98 * n, (hits, n)
     assert below >= 0.9 * n_studies, below
     # seeded: the same cells give the same band; without stderrs there is none
     rows = [(0.02, 0.01, 0.01, 0.002, 2, 2), (-0.03, -0.02, 0.02, 0.004, 2, 2)]
     assert score(rows) == score(rows)
     assert math.isnan(score([(0.02, 0.01)])["median_ratio_unbiased"])
+
+
+def test_unbiased_band_draws_one_error_per_shared_prediction() -> None:
+    """The study's Δw cells of one (arm, t0, target) are one estimate times Δw: their prediction errors are
+    one draw. With ``groups`` saying so the band covers such an unbiased predictor about as often as it
+    should; drawn as independent cells it is too narrow. score_predictors groups them and reads each
+    prediction's dof from the arm (replays − 1, the bracket's groups − 1) and the observation's (R − 1)."""
+    from commute.scores import _pair, _prediction_dof, score
+
+    rng = np.random.default_rng(2)
+    grouped = independent = 0
+    n_studies = 100
+    dws = np.array([0.15, 0.3, 0.45])
+    for _ in range(n_studies):
+        units = rng.choice([-1, 1], 8) * rng.uniform(0.05, 0.2, 8)  # per unit Δw
+        usp = np.abs(units) * rng.uniform(0.3, 1.0, 8)
+        pred = ((units + usp * rng.standard_t(3, 8))[:, None] * dws).ravel()
+        truth, sp = (units[:, None] * dws).ravel(), (usp[:, None] * dws).ravel()
+        so = np.abs(truth) * 0.3
+        obs = truth + so * rng.standard_t(4, 24)
+        rows = [(p, o, a, b, 3, 4) for p, o, a, b in zip(pred, obs, sp, so, strict=True)]
+        for hit, sc in (("g", score(rows, groups=list(np.repeat(np.arange(8), 3)))), ("i", score(rows))):
+            ok = sc["median_ratio_unbiased_lo"] <= sc["median_ratio"] <= sc["median_ratio_unbiased_hi"]
+            grouped += ok and hit == "g"
+            independent += ok and hit == "i"
+    assert grouped >= 0.75 * n_studies and grouped >= independent + 0.08 * n_studies, (grouped, independent)
+    with pytest.raises(ValueError, match="one group key per tuple"):
+        score([(1.0, 1.0, 0.1, 0.1)], groups=[0, 1])
+    # the dofs score_predictors uses: from the arm's stored estimates
+    data = _synthetic(3)
+    arm = data["arms"][0]
+    arm["responses"] = [{"step": 10, "unit": {"en": {"response": {"mean": 1.0, "stderr": 0.5, "n": 4},
+                                                     "alignment": {"mean": 1.0, "stderr": 0.5, "n": 4}}}}]
+    assert _prediction_dof(arm, 10, "en", "response") == 3 == _prediction_dof(arm, 10, "en", "alignment")
+    assert _prediction_dof(arm, 10, "en", "bracket") == 5  # P from 6 groups
+    assert _prediction_dof(arm, 20, "en", "response") is None  # no estimate stored at that step
+    pd = arm["cells"][0]["per_domain"]["en"]
+    assert _pair(pd, "response", 3)[4:] == (3, 2)  # 3 replicates: 2 dof
 
 
 def test_confident_scores_are_nan_without_enough_confident_cells() -> None:
