@@ -183,7 +183,7 @@ def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_on
     whose predictions really are unbiased with their stated stderr (Student t, 2 dof, as 3 replays) land
     inside the 5-95 % band in about 90 % of studies although their median ratio is well below 1 (a noisy
     denominator), on all cells and on the confident ones; predictions 3x too large with a small stderr land
-    below it in most studies; and an observation noisier than the prediction changes nothing."""
+    below it in most studies; and the band still covers when the observation is the noisier one."""
     from commute.scores import score
 
     rng = np.random.default_rng(1)
