@@ -409,8 +409,10 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
                    f"stderr its sign is right in {r['sign_right_confident']}/{r['n_confident']} cells"
                    + (f" (there ρ = {_f(r['spearman_confident'], '.2f')}, median observed/predicted "
                       f"{_f(r['median_ratio_confident'], '.2g')}"
-                      f"{_bias_clause(r, 'median_ratio_confident').replace(' (', ', ', 1).rstrip(')')}, "
-                      f"worst cell off by {_f(r['max_fold_confident'], '.2g')}×)" if r["n_confident"] else "")
+                      + (_bias_clause(r, "median_ratio_confident").replace(" (", ", ", 1).rstrip(")")
+                         if r["n_confident"] >= 3 else "")  # a band for one or two cells says little
+                      + f", worst cell off by {_f(r['max_fold_confident'], '.2g')}×)"
+                      if r["n_confident"] else "")
                    + ", and "
                    f"the observation lies within 2 combined stderr of it in "
                    f"{r['within_2se']}/{r['n_with_se']} (compare the predictors with each other, not with "
