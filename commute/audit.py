@@ -159,8 +159,7 @@ class BracketAudit:
 
     def _target_words(self) -> str:
         """What L was measured on (older results, without ``settings["target"]``: training draws)."""
-        return ("the run's validation batches" if self.settings.get("target") == "val" else
-                "fresh training-split batches")
+        return _TARGET_WORDS.get(self.settings.get("target"), _TARGET_WORDS["train"])
 
     def tables(self) -> list[Any]:
         """Rich renderables: the P table, the tournament table, the locality line."""
@@ -221,6 +220,10 @@ def _mix_weights(ck: Any, domains: tuple[str, ...]) -> tuple[dict[str, float], s
         return {d: 1.0 / len(domains) for d in domains}, "uniform: the run's schedule cannot be rebuilt"
     w = sched(ck.step)
     return {d: float(w.get(d, 0.0)) for d in domains}, f"the schedule's weights at step {ck.step}"
+
+
+#: What the bracket's target L was measured on, per ``settings["target"]`` / ``bracket_target``.
+_TARGET_WORDS = {"val": "the run's validation batches", "train": "fresh training-split batches"}
 
 
 def _run_val_batches(cfg: Any, domains: Mapping[str, Any],
@@ -1147,8 +1150,8 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
            "gradient is exact to first order in the weight change at any horizon, for the replayed "
            "trajectory, but with few groups its stderr is rough.", ""]
 
-    on = {"train": ", measured on fresh training-split batches", "val": ", measured on the run's validation "
-          "batches"}.get(data.get("settings", {}).get("bracket_target"), "")  # older audits: not recorded
+    bt = data.get("settings", {}).get("bracket_target")
+    on = f", measured on {_TARGET_WORDS[bt]}" if bt in _TARGET_WORDS else ""  # older audits: not recorded
     md += ["## 1. P along training (the paper's Table 4, generalised)", "",
            "P(i→j; L) = P(L_i, L_j; L) ± stderr (t) at each checkpoint, for each target L: each domain and "
            f"the training mix at that step{on}. **P > 0: training i then j raises L** compared with mixing "

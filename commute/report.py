@@ -244,7 +244,8 @@ def summary_table(data: Mapping[str, Any]) -> Any:
     """The predictors' scores, then the bracket's sign agreement (for the CLI and ``commute demo``)."""
     from rich.console import Group
 
-    return Group(predictors_table(data), bracket_table(data))
+    s = _summary(data)  # once (an older results.json is re-summarised here, not once per table)
+    return Group(predictors_table(data, s.get("predictors") or {}), bracket_table({**data, "summary": s}))
 
 
 def bracket_table(data: Mapping[str, Any]) -> Any:
@@ -608,13 +609,15 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
     return atomic_write(out / "report.md", "\n".join(md))
 
 
-def render_pooled(pooled: Mapping[str, Any], out_dir: str | Path, figures: bool = True) -> Path:
+def render_pooled(pooled: Mapping[str, Any], out_dir: str | Path, figures: bool = True,
+                  predictors: Mapping[str, Any] | None = None) -> Path:
     """Write ``pooled.md`` (and ``pooled_predictors.png``) for :func:`commute.scores.pool_studies`'s
     answer: the predictors scored over the significant cells of all the studies, and each study's own score
-    beside it (how much the verdict moves from one seed to another); return its path."""
+    beside it (how much the verdict moves from one seed to another); return its path. ``predictors``:
+    :func:`commute.scores.score_predictors` of ``pooled`` if the caller already has it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s = {"predictors": score_predictors(pooled)}
+    s = {"predictors": predictors if predictors is not None else score_predictors(pooled)}
     rows = []
     for name in pooled["studies"]:
         cfg = pooled["configs"].get(name, {})

@@ -119,8 +119,9 @@ def pool(
     except ValueError as e:
         raise CommuteError(str(e)) from None
     try:
-        path = render_pooled(pooled, out)
-        table = predictors_table(pooled, score_predictors(pooled), details=path.name)
+        scores = score_predictors(pooled)
+        path = render_pooled(pooled, out, predictors=scores)
+        table = predictors_table(pooled, scores, details=path.name)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         bad = next((n for n, d in datas.items() if not _scorable(d)), None)
         if bad is None:
