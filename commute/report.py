@@ -97,7 +97,7 @@ def _summary(data: Mapping[str, Any]) -> dict[str, Any]:
     s = data.get("summary")
     resp = (((s or {}).get("predictors") or {}).get("groups") or {}).get("all", {}).get("response", {})
     if not s or "predictions_right" not in (s.get("all") or {}) or "significance" not in s \
-            or ("n_with_se" in resp and "median_ratio_unbiased" not in resp):
+            or ("n_with_se" in resp and "spearman_ceiling" not in resp):
         s = summarise(data)
     return dict(s)
 
@@ -332,9 +332,9 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
     """The predictors' scores on significant cells, per group (long format)."""
     pr = s.get("predictors") or {}
     groups = pr.get("groups", {})
-    header = ["cells", "predictor", "significant cells", "sign right", "Spearman ρ", "median obs/pred",
-              "if unbiased (5–95 %)", "worst fold off", "where |pred| > 2 se: sign · ρ · obs/pred · worst",
-              "obs within 2 se of pred"]
+    header = ["cells", "predictor", "significant cells", "sign right", "if unbiased (5–95 %)", "Spearman ρ",
+              "if unbiased", "if exact", "median obs/pred", "if unbiased",
+              "worst fold off", "where |pred| > 2 se: sign · ρ · obs/pred · worst", "obs within 2 se of pred"]
     rows = []
     for g, by in groups.items():
         for p, sc in by.items():
@@ -346,18 +346,20 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
                     f"{_f(sc['max_fold_confident'], '.2g')}")
             within = (f"{sc['within_2se']}/{sc['n_with_se']}" if sc.get("n_with_se") else "–")
             rows.append([g, PREDICTOR_NAMES.get(p, p), str(sc["n"]),
-                         f"{sc['sign_right']}/{sc['n']}" if sc["n"] else "–", _f(sc["spearman"], ".2f"),
-                         _f(sc["median_ratio"], ".2g"), _band(sc, "median_ratio_unbiased"),
-                         _f(sc["max_fold"], ".2g"), conf, within])
+                         f"{sc['sign_right']}/{sc['n']}" if sc["n"] else "–",
+                         _band(sc, "sign_right_unbiased", ".0f"),
+                         _f(sc["spearman"], ".2f"), _band(sc, "spearman_unbiased", ".2f"),
+                         _band(sc, "spearman_ceiling", ".2f"), _f(sc["median_ratio"], ".2g"),
+                         _band(sc, "median_ratio_unbiased"), _f(sc["max_fold"], ".2g"), conf, within])
     return _table(header, rows)
 
 
-def _band(sc: Mapping[str, Any], key: str) -> str:
+def _band(sc: Mapping[str, Any], key: str, fmt: str = ".2g") -> str:
     """``[lo, hi]`` of a score's 5–95 % band (– when absent, as in results from older versions)."""
     lo, hi = sc.get(key + "_lo"), sc.get(key + "_hi")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return "–"
-    return f"[{_f(lo, '.2g')}, {_f(hi, '.2g')}]"
+    return f"[{_f(lo, fmt)}, {_f(hi, fmt)}]"
 
 
 def _bias_clause(sc: Mapping[str, Any], key: str) -> str:
@@ -374,6 +376,21 @@ def _bias_clause(sc: Mapping[str, Any], key: str) -> str:
                "large")
     return (f" (an unbiased predictor with the stderrs it states would give {band} in 90 % of draws; "
             f"{verdict})")
+
+
+def _rank_clause(sc: Mapping[str, Any]) -> str:
+    """How a Spearman ρ compares with what noise allows: the band of an unbiased predictor with the stated
+    stderrs and that of an exact one against these observations (empty when the bands are absent)."""
+    band, ceiling, rho = (_band(sc, "spearman_unbiased", ".2f"), _band(sc, "spearman_ceiling", ".2f"),
+                          sc.get("spearman"))
+    if band == "–" or rho is None or not math.isfinite(rho):
+        return ""
+    lo, hi = sc["spearman_unbiased_lo"], sc["spearman_unbiased_hi"]
+    verdict = ("below the first: it ranks worse than its stated noise explains" if rho < lo else
+               "above the first: better than its stated noise (a stderr too large, or luck)" if rho > hi else
+               "within the first: consistent with the noise it states")
+    return (f"; an unbiased predictor with the stderrs it states would get {band}, an exact one, against "
+            f"observations this noisy, {ceiling}; {verdict}")
 
 
 def _trust_md(s: Mapping[str, Any]) -> list[str]:
@@ -398,7 +415,7 @@ def _trust_md(s: Mapping[str, Any]) -> list[str]:
               + (" (a tie)" if len(best) > 1 else ""))]
     if best_rank:
         out[0] += (f"; the ranking of interventions by the **{PREDICTOR_NAMES[best_rank]}** "
-                   f"(Spearman ρ = {_f(pr[best_rank]['spearman'], '.2f')})")
+                   f"(Spearman ρ = {_f(pr[best_rank]['spearman'], '.2f')}{_rank_clause(pr[best_rank])})")
     if "response" in pr and pr["response"]["n"]:
         r = pr["response"]
         out[0] += (f"; the size of a trade-off by the linear response only within its measured spread: "

@@ -220,14 +220,16 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True,
     many of those have the right sign), ``spearman_confident``, ``median_ratio_confident`` and
     ``max_fold_confident`` (the same scores on those cells only: what a user who acts only on confident
     predictions gets) and ``within_2se`` (cells where |observed − predicted| ≤ 2·sqrt(se_pred² + se_obs²),
-    of ``n_with_se``). And what the median ratio would be if the predictor were *unbiased* with the stderr
-    it states (:func:`_unbiased_medians`; only when every cell has stderrs): ``median_ratio_unbiased`` with
+    of ``n_with_se``). And what the scores would be if the predictor were *unbiased* with the stderr
+    it states (:func:`_unbiased_bands`; only when every cell has stderrs): ``median_ratio_unbiased`` with
     its 5–95 % band ``median_ratio_unbiased_lo``/``_hi`` (and ``median_ratio_confident_unbiased...``): a
     noisy denominator pulls the median of observed/predicted below 1 by itself, so compare the median with
-    this band, not with 1. The dofs give Student-t noise (normal without). ``groups``: one key per tuple;
-    cells with the same key share one prediction estimate (the study's Δw cells of one arm, t0 and target
-    are one estimate times Δw), so their prediction errors are drawn together. ``magnitude=False`` (a
-    sign-only predictor): counts only."""
+    this band, not with 1; likewise ``spearman_unbiased...`` and ``sign_right_unbiased...`` for ρ and the
+    sign count, and ``spearman_ceiling...``, the ρ an exact predictor would get against observations this
+    noisy (a ranking target above it needs more replicates, not a better predictor). The dofs give
+    Student-t noise (normal without). ``groups``: one key per tuple; cells with the same key share one
+    prediction estimate (the study's Δw cells of one arm, t0 and target are one estimate times Δw), so
+    their prediction errors are drawn together. ``magnitude=False`` (a sign-only predictor): counts only."""
 
     def fin(x: Any) -> bool:
         return x is not None and math.isfinite(x)
@@ -254,25 +256,36 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True,
                sign_right_confident=sum(p * o > 0 for p, o in confident),
                within_2se=sum(abs(o - p) <= 2 * math.hypot(sp, so) for p, o, sp, so, *_ in with_se))
     out.update(_magnitudes(confident, "_confident"))
-    out.update(_unbiased_medians(with_se if len(with_se) == n else []))  # the band of the same cells
+    out.update(_unbiased_bands(with_se if len(with_se) == n else []))  # the band of the same cells
     return out
 
 
-def _unbiased_medians(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """The median observed/predicted an *unbiased* predictor with the stated stderrs would give on these
-    cells, rows (p, o, s_p, s_o, dof_p, dof_o, group); a parametric bootstrap, seeded so that a report is
-    reproducible. Per cell, the common truth is the precision-weighted mean
-    τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) of prediction and observation (both unbiased for it under this
-    hypothesis); each draw replaces them by τ + s_p·ε_p and τ + s_o·ε_o (ε Student t with the given dof,
-    standard normal without; one ε_p per group: cells of a group share their prediction's error) and takes
-    the median ratio over the cells, and over the cells whose drawn prediction is beyond 2 s_p (the
-    confident subset is drawn anew each time; the cells themselves, those with a significant observation,
-    are held fixed). Returns the median over draws and its 5 % and 95 % quantiles for both (NaN without
-    cells). Not modelled: the observations' errors, correlated across a group's Δw by common sampler seeds
-    (drawn independently here: the band is somewhat too narrow), and, both pushing an unbiased predictor's
-    median *above* the band, the selection of cells on a significant observation (which pulls
-    observations away from 0) and stderrs estimated from a few samples."""
-    keys = ("median_ratio_unbiased", "median_ratio_confident_unbiased")
+def _unbiased_bands(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """What an *unbiased* predictor with the stated stderrs would score on these cells, rows
+    (p, o, s_p, s_o, dof_p, dof_o, group); a parametric bootstrap, seeded so that a report is reproducible.
+    Per cell, the common truth is the precision-weighted mean τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) of
+    prediction and observation (both unbiased for it under this hypothesis); each draw replaces them by
+    τ + s_p·ε_p and τ + s_o·ε_o (ε Student t with the given dof, standard normal without; one ε_p per group:
+    cells of a group share their prediction's error) and scores the drawn pairs. Returns the median over
+    draws and its 5 % and 95 % quantiles (keys ``…_unbiased``, ``…_lo``, ``…_hi``; NaN without cells) of:
+
+    * ``median_ratio`` — the median observed/predicted, over the cells and over those whose drawn prediction
+      is beyond 2 s_p (``median_ratio_confident``; that subset is drawn anew each time);
+    * ``spearman`` — the rank correlation of drawn predictions with drawn observations (n ≥ 3);
+    * ``sign_right`` — the count of cells whose drawn signs agree;
+    * ``spearman_ceiling`` — the rank correlation of the truths τ themselves with the drawn observations:
+      what an *exact* predictor would score against observations this noisy, i.e. whether a ranking target
+      is reachable with these replicates at all (keys ``spearman_ceiling``, ``…_lo``, ``…_hi``).
+
+    The cells themselves, those with a significant observation, are held fixed. Not modelled: the
+    observations' errors, correlated across a group's Δw by common sampler seeds (drawn independently here:
+    the bands are somewhat too narrow); the selection of cells on a significant observation (which pulls
+    observations away from 0) and stderrs estimated from a few samples, both pushing an unbiased predictor's
+    median ratio *above* its band; and the τ carry some of the noise, so they are more spread out than the
+    truths and the Spearman bands lean optimistic (a predictor below its band is worse than its noise
+    explains; one inside it is not thereby shown to rank well)."""
+    keys = ("median_ratio_unbiased", "median_ratio_confident_unbiased", "spearman_unbiased",
+            "sign_right_unbiased", "spearman_ceiling")
     out = {k + x: math.nan for k in keys for x in ("", "_lo", "_hi")}
     if not rows:
         return out
@@ -301,11 +314,26 @@ def _unbiased_medians(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: 
         ratio = np.where(ps != 0, os_ / ps, np.nan)
         med = np.nanmedian(ratio, axis=1) if np.isnan(ratio).any() else np.median(ratio, axis=1)
         medc = np.nanmedian(np.where(np.abs(ps) > 2 * sp, ratio, np.nan), axis=1)
-    for k, m in zip(keys, (med, medc), strict=True):
+    nan = np.full(draws, np.nan)
+    rho = _row_spearman(ps, os_) if len(rows) >= 3 else nan
+    ceiling = _row_spearman(np.broadcast_to(tau, ps.shape), os_) if len(rows) >= 3 else nan
+    signs = (ps * os_ > 0).sum(axis=1).astype(float)
+    for k, m in zip(keys, (med, medc, rho, signs, ceiling), strict=True):
         m = m[np.isfinite(m)]
         if len(m):
             out[k], out[k + "_lo"], out[k + "_hi"] = (float(np.quantile(m, q)) for q in (0.5, 0.05, 0.95))
     return out
+
+
+def _row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's ρ of each row of ``a`` with the same row of ``b`` (average ranks for ties; NaN where a row
+    is constant)."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (ra * rb).sum(axis=1) / np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
 
 
 def _magnitudes(rows: Sequence[tuple[float, float]], suffix: str) -> dict[str, float]:

@@ -6,6 +6,7 @@ reordering effect simulated with deterministic gradient descent, and a re-run th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -105,8 +106,16 @@ def test_report_renders_every_table_figure_and_csv(tmp_path: Path) -> None:
                    "linear response Σδw·G", "Spearman ρ",
                    "where \\|pred\\| > 2 se: sign · ρ · obs/pred · worst",  # a cell's | escaped
                    "second order in γT; g_L from training-split batches",  # results without a target
-                   "if unbiased (5–95 %)", "an unbiased predictor with the stderrs it states would give"):
+                   "if unbiased (5–95 %)", "an unbiased predictor with the stderrs it states would give",
+                   "if exact", "an exact one, against observations this noisy"):
         assert needle in md, needle
+    # a summary from before the Spearman bands (results.json of an older version) is re-scored, not shown bare
+    old = copy.deepcopy(data["summary"])
+    for by in old["predictors"]["groups"].values():
+        for sc in by.values():
+            for k in [k for k in sc if k.startswith(("spearman_ceiling", "spearman_unb", "sign_right_unb"))]:
+                del sc[k]
+    assert "an exact one, against" in render_report({**data, "summary": old}, tmp_path / "old").read_text()
     # interventions that remove a domain (Δw ≥ its base weight) are named: once per imbalanced arm, and
     # counted over the significant cells (here every imbalanced cell: ru's base weight is 0.1)
     assert md.count("Δw = 0.1, 0.2 takes `ru` to weight 0 for T steps") == 2
@@ -178,16 +187,19 @@ def test_predictor_scores_against_an_independent_count() -> None:
     assert partial > 0
 
 
-def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_one() -> None:
-    """The band of median observed/predicted an unbiased predictor would give, checked by simulation: cells
-    whose predictions really are unbiased with their stated stderr (Student t, 2 dof, as 3 replays) land
-    inside the 5-95 % band in about 90 % of studies although their median ratio is well below 1 (a noisy
-    denominator), on all cells and on the confident ones; predictions 3x too large with a small stderr land
-    below it in most studies; and the band still covers when the observation is the noisier one."""
+def test_unbiased_bands_cover_an_unbiased_predictor_and_flag_a_biased_one() -> None:
+    """The bands of scores an unbiased predictor would get, checked by simulation: cells whose predictions
+    really are unbiased with their stated stderr (Student t, 2 dof, as 3 replays) land inside the 5-95 %
+    band of the median observed/predicted in about 90 % of studies although that median is well below 1 (a
+    noisy denominator), on all cells and on the confident ones, and inside the bands of Spearman's ρ and of
+    the sign count; predictions 3x too large with a small stderr land below the median's band in most
+    studies, and right signs with scrambled sizes and a small stderr below the ρ band; an exact predictor's
+    ρ lands inside the ceiling band; and the band still covers when the observation is the noisier one."""
     from commute.scores import score
 
     rng = np.random.default_rng(1)
     inside, inside_conf, n_conf, inside_noisy_obs, below, medians = 0, 0, 0, 0, 0, []
+    inside_rho = inside_sign = inside_ceiling = below_rho = 0
     n_studies = 120
     for _ in range(n_studies):
         truth = rng.choice([-1, 1], 25) * rng.uniform(0.01, 0.05, 25)
@@ -198,6 +210,16 @@ def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_on
         sc = score([(p, o, a, b, 2, 4) for p, o, a, b in zip(pred, obs, sp, so, strict=True)])
         medians.append(sc["median_ratio"])
         inside += sc["median_ratio_unbiased_lo"] <= sc["median_ratio"] <= sc["median_ratio_unbiased_hi"]
+        inside_rho += sc["spearman_unbiased_lo"] <= sc["spearman"] <= sc["spearman_unbiased_hi"]
+        inside_sign += sc["sign_right_unbiased_lo"] <= sc["sign_right"] <= sc["sign_right_unbiased_hi"]
+        assert sc["spearman_unbiased"] < sc["spearman_ceiling"]  # prediction noise costs rank correlation
+        exact_se = np.abs(truth) * 0.01  # an exact predictor: its ρ is the observations' noise alone
+        exact = score([(t + a * rng.standard_normal(), o, a, b, None, 4)
+                       for t, o, a, b in zip(truth, obs, exact_se, so, strict=True)])
+        inside_ceiling += exact["spearman_ceiling_lo"] <= exact["spearman"] <= exact["spearman_ceiling_hi"]
+        scrambled = np.sign(truth) * rng.permutation(np.abs(truth))  # right signs, sizes of other cells
+        wrong = score([(p, o, 0.05 * abs(p), b, 2, 4) for p, o, b in zip(scrambled, obs, so, strict=True)])
+        below_rho += wrong["spearman"] < wrong["spearman_unbiased_lo"]
         if sc["n_confident"] >= 3:
             n_conf += 1
             inside_conf += (sc["median_ratio_confident_unbiased_lo"] <= sc["median_ratio_confident"]
@@ -215,6 +237,9 @@ def test_unbiased_median_band_covers_an_unbiased_predictor_and_flags_a_biased_on
     for hits, n in ((inside, n_studies), (inside_conf, n_conf), (inside_noisy_obs, n_studies)):
         assert n >= 0.5 * n_studies and 0.8 * n <= hits <= 0.98 * n, (hits, n)
     assert below >= 0.9 * n_studies, below
+    for hits in (inside_rho, inside_sign, inside_ceiling):
+        assert 0.8 * n_studies <= hits <= 0.98 * n_studies, (inside_rho, inside_sign, inside_ceiling)
+    assert below_rho >= 0.85 * n_studies, below_rho
     # seeded: the same cells give the same band; without stderrs there is none
     rows = [(0.02, 0.01, 0.01, 0.002, 2, 2), (-0.03, -0.02, 0.02, 0.004, 2, 2)]
     assert score(rows) == score(rows)
