@@ -253,6 +253,23 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return float(tree_dot(dict(enumerate(a)), dict(enumerate(b)), dtype=torch.float64))
 
 
+def mean_loss_grad(batches: Sequence[Any], loss_of: Callable[[int, Any], Tensor],
+                   grad: Callable[[Tensor], Sequence[Tensor | None]],
+                   like: Sequence[Tensor]) -> tuple[list[Tensor], float]:
+    """(∇ mean_b L(b), mean_b L(b)) over fixed ``batches``: ``loss_of(i, batch)`` the i-th batch's loss,
+    ``grad`` its gradient (None for an unused leaf), ``like`` the leaves' shapes. Zeros and 0.0 without
+    batches."""
+    acc = [torch.zeros_like(x) for x in like]
+    total = 0.0
+    for i, batch in enumerate(batches):
+        loss = loss_of(i, batch)
+        total += float(loss.detach()) / len(batches)
+        for a, g in zip(acc, grad(loss), strict=True):
+            if g is not None:
+                a.add_(g.detach(), alpha=1.0 / len(batches))
+    return acc, total
+
+
 def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     """sum_k ws[k] * vecs[k] (parameter-shaped lists)."""
     out = [torch.zeros_like(t) for t in vecs[0]]
@@ -545,18 +562,16 @@ class BracketEstimator:
     def _held_out_gradients(self, names: Sequence[str], fixed: Mapping[str, list[Any]]) -> list[list[Tensor]]:
         """The exact gradient of each domain's mean loss over its ``target_data`` batches (zeros where a
         domain is in no target)."""
-        out = []
-        for name in names:
-            acc = [torch.zeros_like(p) for p in self.params]
-            for i, batch in enumerate(fixed.get(name, [])):
+        def loss_of(name: str) -> Callable[[int, Any], Tensor]:
+            def one(i: int, batch: Any) -> Tensor:
                 where = f"target_data batch {i} of domain {name!r}"
                 batch = _to_device(batch, self.device, self.dtype)
                 check_token_ids(self.vocab_size, where, batch)
-                loss = check_loss(self.loss_fn(self.model, batch), where)
-                for a, g in zip(acc, self._grad(loss), strict=True):
-                    a.add_(g, alpha=1.0 / len(fixed[name]))
-            out.append(acc)
-        return out
+                return check_loss(self.loss_fn(self.model, batch), where)
+            return one
+
+        return [mean_loss_grad(fixed.get(name, []), loss_of(name), self._grad, self.params)[0]
+                for name in names]
 
     def _group(self, names: Sequence[str], iters: Mapping[str, Iterator[Any]], used: dict[str, int],
                n_half: int, n_h: int, mode: str, W: np.ndarray, T: int, advance: Callable[[], None],

@@ -37,6 +37,7 @@ from commute.estimate import (
     check_target_data,
     check_token_ids,
     domain_index,
+    mean_loss_grad,
 )
 from commute.io import JsonRoundTrip
 from commute.progress import Progress
@@ -628,14 +629,13 @@ class ResponseEstimator:
                           domains: Sequence[str]) -> tuple[dict[int, list[Tensor]], dict[int, float]]:
         """grad L_k(theta_end) and L_k(theta_end) for the target domains: the mean over ``batches[d]``."""
         q = tuple(x.detach().requires_grad_(True) for x in p_end)
-        grads: dict[int, list[Tensor]] = {k: [torch.zeros_like(x) for x in q] for k in in_targets}
-        losses = dict.fromkeys(in_targets, 0.0)
+        grads: dict[int, list[Tensor]] = {}
+        losses: dict[int, float] = {}
         for k in in_targets:
-            d = domains[k]
-            for batch in batches[d]:
-                loss = self._loss(self._eval, f"domain {d!r}", batch, q)
-                losses[k] += float(loss.detach()) / len(batches[d])
-                _accumulate(grads[k], self._grad(loss, q), 1.0 / len(batches[d]))
+            where = f"domain {domains[k]!r}"
+            grads[k], losses[k] = mean_loss_grad(
+                batches[domains[k]], lambda _, batch, where=where: self._loss(self._eval, where, batch, q),
+                lambda loss: self._grad(loss, q), q)
         return grads, losses
 
     def _noise_setting(self, noise: str | None, train_batch_size: int | None,
