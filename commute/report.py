@@ -332,8 +332,8 @@ def _predictors_md(s: Mapping[str, Any]) -> str:
     """The predictors' scores on significant cells, per group (long format)."""
     pr = s.get("predictors") or {}
     groups = pr.get("groups", {})
-    header = ["cells", "predictor", "significant cells", "sign right", "if unbiased (5–95 %)", "Spearman ρ",
-              "if unbiased", "if exact", "median obs/pred", "if unbiased",
+    header = ["cells", "predictor", "significant cells", "sign right", "sign if unbiased (5–95 %)",
+              "Spearman ρ", "ρ if unbiased", "ρ if exact", "median obs/pred", "obs/pred if unbiased",
               "worst fold off", "where |pred| > 2 se: sign · ρ · obs/pred · worst", "obs within 2 se of pred"]
     rows = []
     for g, by in groups.items():
@@ -385,9 +385,11 @@ def _rank_clause(sc: Mapping[str, Any]) -> str:
                           sc.get("spearman"))
     if band == "–" or rho is None or not math.isfinite(rho):
         return ""
-    lo, hi = sc["spearman_unbiased_lo"], sc["spearman_unbiased_hi"]
+    # compared as shown (2 decimals)
+    rho, lo, hi = (round(x, 2) for x in (rho, sc["spearman_unbiased_lo"], sc["spearman_unbiased_hi"]))
     verdict = ("below the first: it ranks worse than its stated noise explains" if rho < lo else
-               "above the first: better than its stated noise (a stderr too large, or luck)" if rho > hi else
+               "above the first: better than its stated noise (a stderr too large, cells selected on a "
+               "significant observation, or luck)" if rho > hi else
                "within the first: consistent with the noise it states")
     return (f"; an unbiased predictor with the stderrs it states would get {band}, an exact one, against "
             f"observations this noisy, {ceiling}; {verdict}")

@@ -226,7 +226,8 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True,
     noisy denominator pulls the median of observed/predicted below 1 by itself, so compare the median with
     this band, not with 1; likewise ``spearman_unbiased...`` and ``sign_right_unbiased...`` for ρ and the
     sign count, and ``spearman_ceiling...``, the ρ an exact predictor would get against observations this
-    noisy (a ranking target above it needs more replicates, not a better predictor). The dofs give
+    noisy (from the observations alone: a ranking target above it needs more replicates, whatever the
+    predictor). The dofs give
     Student-t noise (normal without). ``groups``: one key per tuple; cells with the same key share one
     prediction estimate (the study's Δw cells of one arm, t0 and target are one estimate times Δw), so
     their prediction errors are drawn together. ``magnitude=False`` (a sign-only predictor): counts only."""
@@ -263,27 +264,29 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True,
 def _unbiased_bands(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
     """What an *unbiased* predictor with the stated stderrs would score on these cells, rows
     (p, o, s_p, s_o, dof_p, dof_o, group); a parametric bootstrap, seeded so that a report is reproducible.
-    Per cell, the common truth is the precision-weighted mean τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) of
-    prediction and observation (both unbiased for it under this hypothesis); each draw replaces them by
-    τ + s_p·ε_p and τ + s_o·ε_o (ε Student t with the given dof, standard normal without; one ε_p per group:
-    cells of a group share their prediction's error) and scores the drawn pairs. Returns the median over
-    draws and its 5 % and 95 % quantiles (keys ``…_unbiased``, ``…_lo``, ``…_hi``; NaN without cells) of:
+    Under this hypothesis prediction and observation are two unbiased measurements of each cell's truth;
+    their precision-weighted mean τ = (p/s_p² + o/s_o²)/(1/s_p² + 1/s_o²) has variance 1/(1/s_p² + 1/s_o²).
+    Each draw takes the truths from their posterior given the τ (:func:`_truth_draws`: a normal model across
+    cells, so that drawn truths are as spread out as the truths, not as the noisier τ), then a prediction
+    truth + s_p·ε_p and an observation truth + s_o·ε_o (ε Student t with the given dof, standard normal
+    without; one ε_p per group: cells of a group share their prediction's error), and scores the drawn
+    pairs. Returns the median over draws and its 5 % and 95 % quantiles (keys ``…_unbiased``, ``…_lo``,
+    ``…_hi``; NaN without cells) of:
 
     * ``median_ratio`` — the median observed/predicted, over the cells and over those whose drawn prediction
       is beyond 2 s_p (``median_ratio_confident``; that subset is drawn anew each time);
     * ``spearman`` — the rank correlation of drawn predictions with drawn observations (n ≥ 3);
     * ``sign_right`` — the count of cells whose drawn signs agree;
-    * ``spearman_ceiling`` — the rank correlation of the truths τ themselves with the drawn observations:
-      what an *exact* predictor would score against observations this noisy, i.e. whether a ranking target
-      is reachable with these replicates at all (keys ``spearman_ceiling``, ``…_lo``, ``…_hi``).
+    * ``spearman_ceiling`` — the rank correlation an *exact* predictor would get against observations this
+      noisy: truths drawn from the observations alone, ρ(truth, truth + s_o·ε_o); the same for every
+      predictor of the same cells (keys ``spearman_ceiling``, ``…_lo``, ``…_hi``).
 
     The cells themselves, those with a significant observation, are held fixed. Not modelled: the
     observations' errors, correlated across a group's Δw by common sampler seeds (drawn independently here:
-    the bands are somewhat too narrow); the selection of cells on a significant observation (which pulls
-    observations away from 0) and stderrs estimated from a few samples, both pushing an unbiased predictor's
-    median ratio *above* its band; and the τ carry some of the noise, so they are more spread out than the
-    truths and the Spearman bands lean optimistic (a predictor below its band is worse than its noise
-    explains; one inside it is not thereby shown to rank well)."""
+    the bands are somewhat too narrow); and the selection of cells on a significant observation, which keeps
+    observations away from 0 where redrawn ones need not be, so that a real predictor's median ratio, sign
+    count and ρ can sit *above* their bands without being better than its noise. A score below its band is
+    the finding the bands are for: an error beyond the noise the predictor states."""
     keys = ("median_ratio_unbiased", "median_ratio_confident_unbiased", "spearman_unbiased",
             "sign_right_unbiased", "spearman_ceiling")
     out = {k + x: math.nan for k in keys for x in ("", "_lo", "_hi")}
@@ -297,6 +300,7 @@ def _unbiased_bands(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: in
     with np.errstate(divide="ignore", invalid="ignore"):
         wp, wo = 1 / sp**2, 1 / so**2
         tau = np.where(sp == 0, p, np.where(so == 0, o, (p * wp + o * wo) / (wp + wo)))
+        var = np.where((sp == 0) | (so == 0), 0.0, 1 / (wp + wo))
     rng = np.random.default_rng(seed)
 
     def noise(dof: np.ndarray) -> np.ndarray:
@@ -307,21 +311,62 @@ def _unbiased_bands(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: in
         return out
 
     first = np.array([np.flatnonzero(cell_group == k)[0] for k in range(len(gid))])
-    ps = tau + sp * noise(dp[first])[:, cell_group]  # one prediction error per group
-    os_ = tau + so * noise(do)
+    truth = _truth_draws(tau, var, cell_group, draws, rng)
+    ps = truth + sp * noise(dp[first])[:, cell_group]  # one prediction error per group
+    os_ = truth + so * noise(do)
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a draw without confident cells: its median is NaN
         ratio = np.where(ps != 0, os_ / ps, np.nan)
         med = np.nanmedian(ratio, axis=1) if np.isnan(ratio).any() else np.median(ratio, axis=1)
         medc = np.nanmedian(np.where(np.abs(ps) > 2 * sp, ratio, np.nan), axis=1)
-    nan = np.full(draws, np.nan)
-    rho = _row_spearman(ps, os_) if len(rows) >= 3 else nan
-    ceiling = _row_spearman(np.broadcast_to(tau, ps.shape), os_) if len(rows) >= 3 else nan
+    rho = ceiling = np.full(draws, np.nan)
+    if len(rows) >= 3:
+        rho = _row_spearman(ps, os_)
+        rng = np.random.default_rng([seed, 1])  # its own stream: the same ceiling for every predictor
+        exact = _truth_draws(o, so**2, cell_group, draws, rng)  # from the observations alone
+        ceiling = _row_spearman(exact, exact + so * noise(do))
     signs = (ps * os_ > 0).sum(axis=1).astype(float)
     for k, m in zip(keys, (med, medc, rho, signs, ceiling), strict=True):
         m = m[np.isfinite(m)]
         if len(m):
-            out[k], out[k + "_lo"], out[k + "_hi"] = (float(np.quantile(m, q)) for q in (0.5, 0.05, 0.95))
+            method = "inverted_cdf" if k == "sign_right_unbiased" else "linear"  # a count stays a count
+            out[k], out[k + "_lo"], out[k + "_hi"] = (float(np.quantile(m, q, method=method))
+                                                      for q in (0.5, 0.05, 0.95))
+    return out
+
+
+def _truth_draws(y: np.ndarray, var: np.ndarray, group: np.ndarray, draws: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """``[draws, n]`` draws of the cells' true values given unbiased measurements ``y`` with variances
+    ``var`` (0: exact), under the normal hierarchical model θ_j ~ N(μ, σ²), y_j ~ N(θ_j, var_j) with flat
+    priors on μ and σ (Gelman et al., *Bayesian Data Analysis*, 3rd ed., §5.4, eqs. 5.17–5.21): σ from its
+    marginal posterior on a grid, p(σ|y) ∝ V_μ^½ Π_j (var_j + σ²)^-½ exp(−(y_j − μ̂)²/(2(var_j + σ²))) with
+    μ̂ = V_μ Σ_j y_j/(var_j + σ²), V_μ = 1/Σ_j 1/(var_j + σ²); μ ~ N(μ̂, V_μ); θ_j ~ N(θ̂_j, V_j) with
+    θ̂_j = V_j (y_j/var_j + μ/σ²), V_j = 1/(1/var_j + 1/σ²). Drawing σ, not plugging in an estimate, keeps
+    the truths' spread honest when the noise dominates it. Cells of one ``group`` share one standard normal
+    deviate (their truths are one effect times Δw in the study)."""
+    noisy = var > 0
+    out = np.broadcast_to(y, (draws, len(y))).copy()
+    if noisy.sum() < 2:
+        return out
+    yv, vv = y[noisy], var[noisy]
+    span = float(np.std(yv)) + float(np.sqrt(vv.max()))
+    grid = np.linspace(0.0, 10 * span, 2001)[:, None]  # σ; the posterior's tail is ~σ^-(n-1)
+    w = 1 / (vv + grid**2)
+    v_mu = 1 / w.sum(axis=1)
+    mu_hat = v_mu * (w * yv).sum(axis=1)
+    logp = (0.5 * np.log(v_mu) + 0.5 * np.log(w).sum(axis=1)
+            - 0.5 * (w * (yv - mu_hat[:, None]) ** 2).sum(axis=1))
+    prob = np.exp(logp - logp.max())
+    k = rng.choice(len(grid), size=draws, p=prob / prob.sum())
+    sigma2 = grid[k, 0][:, None] ** 2
+    mu = (mu_hat[k] + np.sqrt(v_mu[k]) * rng.standard_normal(draws))[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v_j = np.where(sigma2 > 0, 1 / (1 / vv + 1 / sigma2), 0.0)
+        theta_hat = np.where(sigma2 > 0, v_j * (yv / vv + mu / sigma2), mu)
+    gids = group[noisy]
+    z = rng.standard_normal((draws, int(group.max()) + 1))[:, gids]
+    out[:, noisy] = theta_hat + np.sqrt(v_j) * z
     return out
 
 
