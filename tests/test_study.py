@@ -251,6 +251,29 @@ def test_unbiased_bands_cover_an_unbiased_predictor_and_flag_a_biased_one() -> N
     assert math.isnan(score([(0.02, 0.01)])["median_ratio_unbiased"])
 
 
+def test_truth_draws_have_the_truths_spread_not_the_measurements() -> None:
+    """The truths behind the bands (normal hierarchical model, BDA §5.4): measured with noise of variance 1,
+    truths spread with σ = 0.5 are drawn with a spread near 0.5 (the measurements have sqrt(1.25) = 1.12),
+    equal truths with a spread near 0, and exact cells (variance 0) are kept; cells of one group move
+    together."""
+    from commute.scores import _truth_draws
+
+    rng = np.random.default_rng(3)
+    n = 400
+    for sigma in (0.5, 0.0):
+        theta = 0.3 + sigma * rng.standard_normal(n)
+        y = theta + rng.standard_normal(n)
+        draws = _truth_draws(y, np.ones(n), np.arange(n), 500, np.random.default_rng(0))
+        spread = float(np.median(draws.std(axis=1)))
+        assert abs(spread - sigma) < 0.12, (sigma, spread, float(y.std()))
+        assert abs(float(draws.mean()) - 0.3) < 0.15
+    y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    d = _truth_draws(y, np.array([0.0, 1.0, 1.0, 1.0, 1.0]), np.array([0, 1, 1, 2, 3]), 200, rng)
+    assert np.all(d[:, 0] == 1.0)  # exact
+    dev = d - d.mean(axis=0)
+    assert np.corrcoef(dev[:, 1], dev[:, 2])[0, 1] > 0.9 > abs(np.corrcoef(dev[:, 1], dev[:, 3])[0, 1]) + 0.5
+
+
 def test_unbiased_band_draws_one_error_per_shared_prediction() -> None:
     """The study's Δw cells of one (arm, t0, target) are one estimate times Δw: their prediction errors are
     one draw. With ``groups`` saying so the band covers such an unbiased predictor about as often as it
