@@ -265,7 +265,7 @@ def test_truth_draws_have_the_truths_spread_not_the_measurements() -> None:
         y = theta + rng.standard_normal(n)
         draws = _truth_draws(y, np.ones(n), np.arange(n), 500, np.random.default_rng(0))
         spread = float(np.median(draws.std(axis=1)))
-        assert abs(spread - sigma) < 0.1, (sigma, spread, float(y.std()))
+        assert abs(spread - sigma) < 0.1 if sigma else spread < 0.25, (sigma, spread, float(y.std()))
         assert abs(float(draws.mean()) - 0.3) < 0.1
     y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     d = _truth_draws(y, np.array([0.0, 1.0, 1.0, 1.0, 1.0]), np.array([0, 1, 1, 2, 3]), 200, rng)
