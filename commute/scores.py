@@ -227,10 +227,10 @@ def score(pairs: Sequence[tuple[Any, ...]], magnitude: bool = True,
     this band, not with 1; likewise ``spearman_unbiased...`` and ``sign_right_unbiased...`` for ρ and the
     sign count, and ``spearman_ceiling...``, the ρ an exact predictor would get against observations this
     noisy (from the observations alone: a ranking target above it needs more replicates, whatever the
-    predictor). The dofs give
-    Student-t noise (normal without). ``groups``: one key per tuple; cells with the same key share one
-    prediction estimate (the study's Δw cells of one arm, t0 and target are one estimate times Δw), so
-    their prediction errors are drawn together. ``magnitude=False`` (a sign-only predictor): counts only."""
+    predictor). The dofs give Student-t noise (normal without). ``groups``: one key per tuple; cells with
+    the same key share one prediction estimate (the study's Δw cells of one arm, t0 and target are one
+    estimate times Δw), so their prediction errors are drawn together. ``magnitude=False`` (a sign-only
+    predictor): counts only."""
 
     def fin(x: Any) -> bool:
         return x is not None and math.isfinite(x)
