@@ -159,10 +159,14 @@ def _replay_md(data: Mapping[str, Any]) -> list[str]:
             if r.get("replay_rel_error") is not None]
     if not errs:
         return []
-    worst = math.nan if any(not math.isfinite(e) for e in errs) else max(errs)
+    if any(not math.isfinite(e) for e in errs):
+        how = "to a relative parameter error that could not be measured in some windows (not finite)"
+    elif max(errs) == 0:
+        how = "bit for bit"
+    else:
+        how = f"to a relative parameter error of at most {max(errs):.1e}"
     return ["", f"The response windows are replays of the base run from its checkpoint at t0: they reproduce "
-            f"the base checkpoint at t0 + 2T to a relative parameter error of at most {worst:.1e} "
-            f"({len(errs)} windows; nan: not measurable)."]
+            f"the base checkpoint at t0 + 2T {how} ({len(errs)} windows)."]
 
 
 def _threshold_text(s: Mapping[str, Any]) -> str:

@@ -955,3 +955,17 @@ def test_study_jobs_failure_is_one_sentence_naming_the_arm(tmp_path: Path,
     run_bilingual_study(config=cfg, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
     after = _files(out / "runs")
     assert [k for k in after if after[k] != before.get(k)] == [str(p4.relative_to(out / "runs"))]
+
+
+def test_replay_sentence_says_how_exactly_the_windows_were_reproduced() -> None:
+    """The report's replay sentence: bit for bit, the worst relative error, or not measurable; none without
+    measurements."""
+    from commute.report import _replay_md
+
+    def data(*errs: float) -> dict:
+        return {"arms": [{"responses": [{"replay_rel_error": e} for e in errs]}]}
+
+    assert "bit for bit (2 windows)" in _replay_md(data(0.0, 0.0))[1]
+    assert "at most 3.0e-07 (2 windows)" in _replay_md(data(0.0, 3e-7))[1]
+    assert "could not be measured" in _replay_md(data(1e-8, math.nan))[1]
+    assert _replay_md({"arms": [{"responses": [{}]}]}) == []
