@@ -303,17 +303,17 @@ def _unbiased_bands(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: in
         var = np.where((sp == 0) | (so == 0), 0.0, 1 / (wp + wo))
     rng = np.random.default_rng(seed)
 
-    def noise(dof: np.ndarray) -> np.ndarray:
+    def noise(dof: np.ndarray, gen: np.random.Generator) -> np.ndarray:
         t = np.isfinite(dof)
         out = np.empty((draws, len(dof)))
-        out[:, ~t] = rng.standard_normal((draws, int((~t).sum())))
-        out[:, t] = rng.standard_t(dof[t], (draws, int(t.sum())))
+        out[:, ~t] = gen.standard_normal((draws, int((~t).sum())))
+        out[:, t] = gen.standard_t(dof[t], (draws, int(t.sum())))
         return out
 
     first = np.array([np.flatnonzero(cell_group == k)[0] for k in range(len(gid))])
     truth = _truth_draws(tau, var, cell_group, draws, rng)
-    ps = truth + sp * noise(dp[first])[:, cell_group]  # one prediction error per group
-    os_ = truth + so * noise(do)
+    ps = truth + sp * noise(dp[first], rng)[:, cell_group]  # one prediction error per group
+    os_ = truth + so * noise(do, rng)
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a draw without confident cells: its median is NaN
         ratio = np.where(ps != 0, os_ / ps, np.nan)
@@ -322,9 +322,9 @@ def _unbiased_bands(rows: Sequence[tuple[Any, ...]], draws: int = 2000, seed: in
     rho = ceiling = np.full(draws, np.nan)
     if len(rows) >= 3:
         rho = _row_spearman(ps, os_)
-        rng = np.random.default_rng([seed, 1])  # its own stream: the same ceiling for every predictor
-        exact = _truth_draws(o, so**2, cell_group, draws, rng)  # from the observations alone
-        ceiling = _row_spearman(exact, exact + so * noise(do))
+        own = np.random.default_rng([seed, 1])  # its own stream: the same ceiling for every predictor
+        exact = _truth_draws(o, so**2, cell_group, draws, own)  # from the observations alone
+        ceiling = _row_spearman(exact, exact + so * noise(do, own))
     signs = (ps * os_ > 0).sum(axis=1).astype(float)
     for k, m in zip(keys, (med, medc, rho, signs, ceiling), strict=True):
         m = m[np.isfinite(m)]
