@@ -270,13 +270,16 @@ def mean_loss_grad(batches: Sequence[Any], loss_of: Callable[[int, Any], Tensor]
     return acc, total
 
 
-def _combine(ws: np.ndarray, vecs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-    """sum_k ws[k] * vecs[k] (parameter-shaped lists)."""
-    out = [torch.zeros_like(t) for t in vecs[0]]
-    for w, vec in zip(ws, vecs, strict=True):
-        if w != 0.0:
+def combine(ws: np.ndarray,
+            vecs: Sequence[Sequence[Tensor]] | Mapping[int, Sequence[Tensor]]) -> list[Tensor]:
+    """sum_k ws[k] * vecs[k] of parameter-shaped lists; ``vecs`` a sequence (k its position) or a mapping
+    k -> list over the k present."""
+    items = list(vecs.items()) if isinstance(vecs, Mapping) else list(enumerate(vecs))
+    out = [torch.zeros_like(t) for t in items[0][1]]
+    for k, vec in items:
+        if ws[k] != 0.0:
             for o, t in zip(out, vec, strict=True):
-                o.add_(t, alpha=float(w))
+                o.add_(t, alpha=float(ws[k]))
     return out
 
 
@@ -593,7 +596,7 @@ class BracketEstimator:
             loss_g[k] = float(np.mean(losses))
         # S[t, j, i] = mean_h  c_t-target-gradient^A . H_j^h g_i^B  (i != j)
         S = np.zeros((T, K, K))
-        targ = [_combine(W[m], A) for m in range(M)] if mode == "targets" else []
+        targ = [combine(W[m], A) for m in range(M)] if mode == "targets" else []
         for _ in range(n_h):
             for j, name in enumerate(names):
                 loss = self._loss(name, iters[name], used[name])
