@@ -18,6 +18,7 @@ over the window and any derivative-based prediction is heavy-tailed there.
     python bench/response_window.py --preset small --t0 200 --trajectories 0,1,2,3 --batches train
     python bench/response_window.py --preset tiny --t0 100 --groups 4
     python bench/response_window.py --preset small --t0 1200 --trajectories 0,2 --noise   # v's noise channel
+    python bench/response_window.py --preset small --t0 1200 --trajectories 0,1,2,3 --noise rows
 """
 
 from __future__ import annotations
@@ -56,15 +57,18 @@ def main() -> None:
     ap.add_argument("--trajectories", default="0,1", help="replicate indices (0: the run's own batches)")
     ap.add_argument("--groups", type=int, default=2, help="estimator groups (fresh batches)")
     ap.add_argument("--batches", default="fresh", choices=["fresh", "train"])
-    ap.add_argument("--noise", action="store_true",
-                    help="Adam: add the sampling-noise channel of v (2 fresh batches per step, as "
-                         "response.noise in a study config)")
+    ap.add_argument("--noise", nargs="?", const="variance", choices=["variance", "rows"], default=None,
+                    help="add a sampling-noise channel: 'variance' (Adam's v only, 2 fresh batches per "
+                         "step; the default of a bare --noise) or 'rows' (the whole channel, from the "
+                         "training batch's own rows); response.noise in a study config")
     ap.add_argument("--out", default="reports/response_window", help="base run cache")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args()
-    if a.noise and (a.batches == "train" or a.optimizer != "adam"):
-        ap.error("--noise is for Adam with fresh batches (the channel needs 2 independent batches per step).")
+    if a.noise and a.batches == "train":
+        ap.error("--noise is for fresh batches (with --batches train the noise is already in the rows).")
+    if a.noise == "variance" and a.optimizer != "adam":
+        ap.error("--noise variance is for Adam (the channel needs 2 independent batches per step).")
     torch.set_num_threads(1)
 
     d = copy.deepcopy(PRESETS[a.preset])
@@ -99,7 +103,8 @@ def main() -> None:
             streams = {k: _rows_backwards(tb, i, G) for i, k in enumerate(names)}
         train = sampler()
         noise = ({"noise": tc.sampler_mode, "train_batch_size": tc.batch_size, "batches_per_step": 2}
-                 if a.noise else {})
+                 if a.noise == "variance" else
+                 {"noise": "rows", "train_rows": lambda b: b.by_domain(names)} if a.noise == "rows" else {})
         est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
                                 state=ck.optimizer_state, state_names=param_group_names(ck.model))
         t = time.perf_counter()

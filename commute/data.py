@@ -875,6 +875,12 @@ class Batch:
         """Rows per domain index."""
         return torch.bincount(self.domain, minlength=n_domains or 0).tolist()
 
+    def by_domain(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{name: that domain's rows of ``input_ids``} for the domains with rows; ``names`` in the order of
+        ``MixtureSampler.domain_names`` (the response estimator's ``train_rows``)."""
+        return {d: self.input_ids[self.domain == i] for i, d in enumerate(names)
+                if bool((self.domain == i).any())}
+
 
 class MixtureSampler:
     """Composes each batch by drawing every example's domain with probability w(t) (paper §4.2).

@@ -36,6 +36,7 @@ from commute.estimate import (
     check_loss,
     check_target_data,
     check_token_ids,
+    combine,
     domain_index,
     mean_loss_grad,
 )
@@ -56,7 +57,7 @@ from commute.schedule import Intervention
 
 __all__ = ["ResponseEstimator", "ResponseReport", "Replay", "NoiseMode"]
 
-NoiseMode = Literal["exact", "sample"]
+NoiseMode = Literal["exact", "sample", "rows"]
 
 TrainBatches = Sequence[Any] | Iterable[Any] | Callable[[int], Any]
 WeightsArg = Sequence[Mapping[str, float]] | Callable[[int], Mapping[str, float]]
@@ -386,9 +387,10 @@ class ResponseEstimator:
     # ---- the replay --------------------------------------------------------------------------------
     def _replay(
         self, train_batches: TrainBatches, n: int, start: int, lrs: Sequence[float], keep: bool,
-        tick: Callable[[], None],
+        tick: Callable[[], None], rows_fn: Callable[[Any], Mapping[str, Any]] | None = None,
     ) -> tuple[list[tuple], Leaves, Leaves | None, Leaves | None, list[float]]:
-        """theta_t (m_t, v_t, g_t) for t < n (stored if ``keep``), and theta_n, m_n, v_n, batch losses."""
+        """theta_t (m_t, v_t, g_t; with ``rows_fn`` the per-domain gradients of the batch's rows and their
+        counts) for t < n (stored if ``keep``), and theta_n, m_n, v_n, batch losses."""
         p = tuple(x.detach() for x in self.params)
         m, v = self._m0, self._v0
         step0 = self.state.step
@@ -402,7 +404,8 @@ class ResponseEstimator:
             gs = self._grad(loss, q)
             g = tuple(torch.zeros_like(x) if d is None else d for x, d in zip(q, gs, strict=True))
             if keep:  # U_t is linear in g except for Adam: only Adam's Jacobian needs g_t
-                traj.append(tuple(self._store(x) for x in (p, m, v, g if adam else None)))
+                rows = None if rows_fn is None else self._row_gradients(rows_fn, batch, start + t, q)
+                traj.append(tuple(self._store(x) for x in (p, m, v, g if adam else None)) + (rows,))
             with torch.no_grad():
                 p, m, v = _step_leaves(p, g, m, v, step0 + t, lrs[t], self._hp)
             tick()
@@ -449,6 +452,7 @@ class ResponseEstimator:
         target_data: Mapping[str, Sequence[Any]] | None = None,
         noise: NoiseMode | None = None,
         train_batch_size: int | None = None,
+        train_rows: Callable[[Any], Mapping[str, Any]] | None = None,
         progress: bool = False,
         distributed: bool = False,
     ) -> ResponseReport:
@@ -493,7 +497,23 @@ class ResponseEstimator:
                 noise moves theta and so the later steps (the curvature term 1/2 tr(H Cov theta), all of
                 SGD's noise effect; it needs a second-order adjoint), and how Var itself moves with theta.
                 docs/design.md §1b.
-            train_batch_size: B, the rows of one training batch (with ``noise``).
+                ``"rows"``: the **whole** sampling-noise channel, through theta and the optimiser state
+                alike, for batches composed ``"exact"``-ly, from the training batch's own rows (any
+                optimiser, no second derivative, ``batches_per_step`` >= 1). Domain k's noise in g_t is
+                xi_k = (n_k / B)(ghat_k^train - gbar_k), of variance w_k s_k^2 / B, so with the noise
+                written as sqrt(w_k) times a fixed deviate the update's derivative is dg_t/dw_k = gbar_k +
+                xi_k / (2 w_k) (reparametrisation): G_k(t) = < a_g, gbar_k + (n_k / (B w_k))(ghat_k^train -
+                gbar_k) / 2 >, with gbar_k the fresh estimate and ghat_k^train the gradient of the step's
+                training rows of domain k (``train_rows``) at theta_t. Because lambda_{t+1} depends on xi_k
+                through theta_{t+1}, the product's mean carries the noise's second-order effect on
+                E[L(theta_n)] (Stein's lemma: exact for Gaussian noise), which the fresh estimate alone
+                leaves out (docs/design.md §1b). Costs one gradient per domain per step in the replay and
+                K more stored copies of the parameters per step; a step where domain k has no rows gets
+                no noise term for it.
+            train_batch_size: B, the rows of one training batch (with ``noise="exact"`` or ``"sample"``).
+            train_rows: with ``noise="rows"``: training batch -> {domain: that domain's rows of it, a batch
+                ``loss_fn`` takes} (absent or empty: no rows); for commute's sampler,
+                :meth:`commute.data.Batch.by_domain`.
             progress: show a rich progress bar on stderr.
             distributed: split the groups over the processes of a torchrun run (every rank must call this
                 with the same model weights, optimiser state, streams, training batches and arguments; the
@@ -527,7 +547,8 @@ class ResponseEstimator:
         if target_data is not None and target_batches is not None:
             raise CommuteError("give target_data (a fixed evaluation set) or target_batches (fresh draws per "
                                "group), not both.")
-        noise_set = self._noise_setting(noise, train_batch_size, b)
+        rows_fn = self._rows_setting(noise, train_rows, train_batch_size)
+        noise_set = None if rows_fn is not None else self._noise_setting(noise, train_batch_size, b)
         in_targets = [k for k in range(K) if np.any(W[:, k] != 0)]
         fixed = check_target_data(target_data, [domains[k] for k in in_targets])
         if fixed is not None:
@@ -544,7 +565,7 @@ class ResponseEstimator:
         what = f"response ({self._hp.name}, K={K}, M={M})"
         with self._context(progress and world.main, what, n * (len(split) + 1)) as bar, split.share():
             traj, p_end, m_end, v_end, train_losses = self._replay(train_batches, n, start, lrs, True,
-                                                                   bar.advance)
+                                                                   bar.advance, rows_fn)
             t_replay = time.perf_counter() - t_begin
             counters1 = self._counters()  # every rank replays: counted once below
             iters = {d: iter(self.streams[d]) for d in domains}
@@ -571,7 +592,7 @@ class ResponseEstimator:
                     end = self._target_gradients(p_end, draws, in_targets, domains)
                 gk_end, lends = end
                 loss_groups[g, in_targets] = [lends[k] for k in in_targets]
-                lam_end = [_combine(W[i], gk_end) for i in range(M)]
+                lam_end = [tuple(combine(W[i], gk_end)) for i in range(M)]
                 lam = [(lam_end[i], _zeros(m_end), _zeros(v_end)) for i in range(M)]
                 for t in range(n - 1, -1, -1):
                     lam = self._step_back(t, traj[t], ws[t], lrs[t], lam, lam_end, iters, used, b, noise_set,
@@ -597,6 +618,8 @@ class ResponseEstimator:
                 "optimizer_kwargs": _jsonable(self.optimizer_kwargs), "state_step": self.state.step}
         if noise_set is not None:
             meta["noise"], meta["train_batch_size"] = noise_set
+        if rows_fn is not None:
+            meta["noise"] = "rows"
         if fixed is not None:
             meta["target_data"] = {d: len(x) for d, x in fixed.items()}
         if world.enabled:
@@ -637,6 +660,47 @@ class ResponseEstimator:
                 batches[domains[k]], lambda _, batch, where=where: self._loss(self._eval, where, batch, q),
                 lambda loss: self._grad(loss, q), q)
         return grads, losses
+
+    def _rows_setting(self, noise: str | None, train_rows: Any, train_batch_size: int | None
+                      ) -> Callable[[Any], Mapping[str, Any]] | None:
+        """The training-batch splitter of the ``"rows"`` noise channel (None: not that channel)."""
+        if noise != "rows":
+            if train_rows is not None:
+                raise CommuteError("train_rows is for the rows noise channel: give noise='rows' as well.")
+            return None
+        if not callable(train_rows):
+            raise CommuteError("noise='rows' needs train_rows, a function training batch -> {domain: its "
+                               "rows of that domain} (commute.data.Batch.by_domain for commute's sampler).")
+        if train_batch_size is not None:
+            raise CommuteError("noise='rows' counts each batch's rows itself: leave train_batch_size unset.")
+        return train_rows
+
+    def _row_gradients(self, rows_fn: Callable[[Any], Mapping[str, Any]], batch: Any, step: int,
+                       q: Leaves) -> tuple[dict[int, Leaves], dict[int, int]]:
+        """{k: gradient of domain k's rows of the training batch at q (the loss as for fresh batches)} and
+        {k: n_k}, for the domains with rows."""
+        parts = rows_fn(batch)
+        if not isinstance(parts, Mapping):
+            raise CommuteError(f"train_rows must return a mapping domain -> rows, got "
+                               f"{type(parts).__name__}.")
+        index = {d: k for k, d in enumerate(self.streams)}
+        unknown = sorted(str(d) for d in parts if d not in index)
+        if unknown:
+            raise CommuteError(f"train_rows returned rows of {unknown}, which have no stream (domains: "
+                               f"{list(index)}).")
+        grads: dict[int, Leaves] = {}
+        counts: dict[int, int] = {}
+        for d, rows in parts.items():
+            n_k = 0 if rows is None else _rows(rows)
+            if n_k == 0:
+                continue
+            where = f"domain {d!r}'s rows of the training batch of step {step}"
+            loss = self._loss(self._eval, where, rows, q)
+            gs = self._grad(loss, q)
+            grads[index[d]] = self._store(tuple(torch.zeros_like(x) if g_ is None else g_.detach()
+                                                for x, g_ in zip(q, gs, strict=True)))
+            counts[index[d]] = n_k
+        return grads, counts
 
     def _noise_setting(self, noise: str | None, train_batch_size: int | None,
                        b: int) -> tuple[str, int] | None:
@@ -710,7 +774,8 @@ class ResponseEstimator:
         out0: np.ndarray,
     ) -> list[tuple[Leaves, Leaves | None, Leaves | None]]:
         """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t."""
-        p0, m0, v0, g0 = (self._load(x) for x in z)
+        p0, m0, v0, g0 = (self._load(x) for x in z[:4])
+        own = z[4]  # the rows channel: (per-domain gradients of the training rows, their counts)
         step = self.state.step + t
         # U_t's pullback at the trajectory, with g an input (for GD/SGD U is linear: any g will do)
         p = tuple(x.detach().requires_grad_(True) for x in p0)
@@ -779,6 +844,15 @@ class ResponseEstimator:
             for k in range(len(w)):
                 out[i, k] = _dot(vecs[i], gk[k])
                 out0[i, k] = _dot(a0[i], gk[k])
+        if own is not None:  # rows channel: G_k(t) += < a_g, (n_k / (B w_k)) (ghat_k^train - gbar_k) / 2 >
+            grads, counts = own
+            B = sum(counts.values())
+            for k, gt in grads.items():
+                if w[k] > 0:
+                    c = 0.5 * counts[k] / (B * w[k])
+                    gt = self._load(gt)
+                    for i in range(len(pulled)):
+                        out[i, k] += c * (_dot(vecs[i], gt) - _dot(vecs[i], gk[k]))
         if sq is not None:  # the noise channel: G_k(t) += < diag(d2<lambda, U_t>/dg2) / 2, dVar/dw_k >
             dvar = self._variance_derivative(w, gk, sq, shift, rows, b, noise)
             for i in range(len(pulled)):
@@ -826,17 +900,6 @@ def _accumulate(acc: list[Tensor], gs: Sequence[Tensor | None], scale: float) ->
     for a, d in zip(acc, gs, strict=True):
         if d is not None:
             a.add_(d.detach(), alpha=scale)
-
-
-def _combine(c: np.ndarray, vecs: Mapping[int, Sequence[Tensor]]) -> Leaves:
-    """sum_k c[k] vecs[k] over the k present."""
-    first = next(iter(vecs.values()))
-    out = [torch.zeros_like(x) for x in first]
-    for k, vec in vecs.items():
-        if c[k] != 0:
-            for o, x in zip(out, vec, strict=True):
-                o.add_(x, alpha=float(c[k]))
-    return tuple(out)
 
 
 def _zeros(x: Leaves | None) -> Leaves | None:

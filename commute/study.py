@@ -533,7 +533,9 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     unit = _unit_delta(cfg)
     per: list[dict[str, dict[str, dict[str, Any]]]] = []
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
-    noise = {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if _noise_channel(arm) else {}
+    channel = _noise_channel(arm)
+    noise = ({"noise": "rows", "train_rows": lambda batch: batch.by_domain(names)} if channel == "rows" else
+             {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else {})
     for r in range(rc.trajectories):
         ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
         saved = dict(ck.state["sampler"])
@@ -571,17 +573,21 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
         combined = {k: {p: over(k, p) for p in ("response", "alignment")} for k in names}
     out = {"step": t0, "target": "val", "n_groups": rc.n_groups, "batch_size": rc.batch_size,
            "trajectories": rc.trajectories,
-           "batches_per_step": rc.batches_per_step, "noise": bool(noise), "n_hvp": n_hvp, "seconds": seconds,
+           "batches_per_step": rc.batches_per_step, "noise": channel or False, "n_hvp": n_hvp,
+           "seconds": seconds,
            "replay_rel_error": replay_error, "unit": combined}
     if len(per) > 1:
         out["per_trajectory"] = per
     return out
 
 
-def _noise_channel(arm: Arm) -> bool:
-    """Whether the arm's response estimate has the sampling-noise channel: ``response.noise`` for Adam arms
-    (the channel is Adam's; SGD arms ignore the setting, in the estimate and in its cache key alike)."""
-    return arm.cfg.response.noise and arm.optimizer in ("adam", "adamw")
+def _noise_channel(arm: Arm) -> str | None:
+    """The arm's sampling-noise channel: ``"rows"`` (any optimiser), ``"variance"`` (``response.noise`` true
+    or "variance": Adam arms only, SGD arms ignore it in the estimate and in its cache key alike) or None."""
+    noise = arm.cfg.response.noise
+    if noise == "rows":
+        return "rows"
+    return "variance" if noise in (True, "variance") and arm.optimizer in ("adam", "adamw") else None
 
 
 def estimate_response(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
@@ -590,10 +596,12 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, li
     rc = arm.cfg.response
     if not rc.enabled:
         return {}
-    noise = _noise_channel(arm)
+    channel = _noise_channel(arm)
+    noise = channel == "variance"  # the former boolean, so that earlier caches keep their keys
     key = config_hash(["response", "target: val", rc.n_groups, rc.batch_size]
                       + ([rc.trajectories] if rc.trajectories != 1 else [])
-                      + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else []))
+                      + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else [])
+                      + (["noise: rows"] if channel == "rows" else []))
     out = {}
     for t0 in arm.cfg.t0s:
         path = arm.cache / f"response_{t0:08d}_{key}.json"

@@ -59,7 +59,9 @@ class ResponseConfig:
     batch_size: int = 10  # fresh sequences per domain per step per group
     trajectories: int = 1  # replays of the window under the replicates' sampler seeds (stderr over them)
     batches_per_step: int = 1  # fresh batches of batch_size per domain per step per group
-    noise: bool = False  # Adam arms: add the sampling-noise channel (needs batches_per_step >= 2)
+    # the sampling-noise channel: "rows" (the whole channel from the training batches' own rows, any
+    # optimiser, exact-count sampling), "variance" or true (Adam's v only, batches_per_step >= 2), false: none
+    noise: bool | str = False
 
 
 @dataclass
@@ -152,9 +154,13 @@ class StudyConfig:
             x = getattr(self.response, name)
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
                 raise CommuteError(f"response.{name} must be an integer >= 1, got {x!r}.")
-        if not isinstance(self.response.noise, bool):
-            raise CommuteError(f"response.noise must be true or false, got {self.response.noise!r}.")
-        if self.response.noise and self.response.batches_per_step < 2:
+        if self.response.noise not in (False, True, "variance", "rows"):
+            raise CommuteError(f"response.noise must be false, 'rows' or 'variance' (true), got "
+                               f"{self.response.noise!r}.")
+        if self.response.noise == "rows" and self.sampler_mode != "exact":
+            raise CommuteError("response.noise: rows needs sampler_mode: exact (the channel assumes fixed "
+                               "rows per domain); use 'variance' with sampled batches.")
+        if self.response.noise in (True, "variance") and self.response.batches_per_step < 2:
             raise CommuteError("response.noise needs response.batches_per_step >= 2 (the per-row gradient "
                                "variance comes from the spread of a step's fresh batches).")
         for o in self.optimizers:

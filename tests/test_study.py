@@ -620,6 +620,25 @@ def test_response_over_trajectories_is_the_mean_of_per_trajectory_estimates(tmp_
         StudyConfig.from_dict({**one.to_dict(), "response": {"trajectories": 0}})
 
 
+def test_response_rows_noise_channel_in_the_study(tmp_path: Path) -> None:
+    """response.noise: rows reaches the estimator (recorded, cached under its own key beside the plain
+    estimate) and moves the response only: the curvature-free alignment, which has no noise channel, is the
+    plain estimate's bit for bit (same fresh streams)."""
+    plain = _micro_config(tmp_path)
+    plain = StudyConfig.from_dict({**plain.to_dict(), "optimizers": ["sgd"], "locality": {"enabled": False}})
+    rows = StudyConfig.from_dict({**plain.to_dict(), "response": {**plain.to_dict()["response"],
+                                                                   "noise": "rows"}})
+    cache = tmp_path / "cache"
+    r0 = run_bilingual_study(config=plain, out_dir=tmp_path / "plain", cache_dir=cache, progress=False)
+    r1 = run_bilingual_study(config=rows, out_dir=tmp_path / "rows", cache_dir=cache, progress=False)
+    (a,), (b,) = r0.data["arms"][0]["responses"], r1.data["arms"][0]["responses"]
+    assert a["noise"] is False and b["noise"] == "rows"
+    for k in ("a", "b"):
+        assert b["unit"][k]["alignment"] == a["unit"][k]["alignment"]
+        assert b["unit"][k]["response"]["mean"] != a["unit"][k]["response"]["mean"]
+    assert len(list(tmp_path.rglob("response_*.json"))) == 2  # both estimates kept, under their own keys
+
+
 def test_predictors_target_the_observed_validation_loss(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The response's and the bracket's targets are the losses the observation measures: the study's fixed
@@ -854,7 +873,9 @@ def test_study_config_types_and_replay_fields_are_one_sentence() -> None:
                        ({"train_overrides": {"grad_accum": 2}}, "response replay"),
                        ({"train_overrides": {"loss_weighting": "domain"}}, "response replay"),
                        ({"response": {"batches_per_step": 0}}, "batches_per_step must be an integer"),
-                       ({"response": {"noise": "yes"}}, "response.noise must be true or false"),
+                       ({"response": {"noise": "yes"}}, "response.noise must be false, 'rows' or 'variance'"),
+                       ({"response": {"noise": "rows"}, "sampler_mode": "sample"},
+                        "rows needs sampler_mode: exact"),
                        ({"response": {"noise": True}}, "noise needs response.batches_per_step >= 2")):
         with pytest.raises(CommuteError, match=match):
             StudyConfig.from_dict({**get_preset("tiny").to_dict(), **bad})
