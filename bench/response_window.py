@@ -13,7 +13,10 @@ in time puts it in the first quarter). Two ways to get the per-step domain gradi
 
 If ``fresh`` groups disagree wildly while ``train`` is tame, the spread is the estimator's; if ``train``
 also varies by orders of magnitude from trajectory to trajectory, the run's own map expands perturbations
-over the window and any derivative-based prediction is heavy-tailed there.
+over the window and any derivative-based prediction is heavy-tailed there. Reweighting rows moves the
+gradient's noise twice as much as moving rows does, so over trajectories ``train`` estimates the mean-field
+response plus twice the noise effect, ``fresh`` the first alone, and ``fresh --noise rows`` (the study's
+``response.noise: rows``) their average, the derivative of the expected loss (docs/design.md §1b).
 
     python bench/response_window.py --preset small --t0 200 --trajectories 0,1,2,3 --batches train
     python bench/response_window.py --preset tiny --t0 100 --groups 4

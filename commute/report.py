@@ -116,10 +116,17 @@ def _target_clause(data: Mapping[str, Any], key: str, on_val: str, on_train: str
 
 
 def _response_target(data: Mapping[str, Any]) -> str:
-    """What the response's L was measured on (older results, without ``target``: training)."""
-    return _target_clause(
+    """What the response's L was measured on (older results, without ``target``: training), and which
+    sampling-noise channel it has."""
+    where = _target_clause(
         data, "responses", ", L measured on the same validation batches as the observation",
         ", L from fresh training-split batches (not the validation loss the observation uses)")
+    channels = {x.get("noise") for a in data.get("arms", []) for x in a.get("responses", [])}
+    noise = (", with the gradient noise's own effect from the training batches' rows (`response.noise: rows`)"
+             if channels == {"rows"} else
+             ", with Adam's variance channel in some arms" if channels & {True, "variance"} else
+             ", with the rows noise channel in some arms" if "rows" in channels else "")
+    return where + noise
 
 
 def _bracket_target(data: Mapping[str, Any]) -> str:

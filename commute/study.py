@@ -534,7 +534,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     per: list[dict[str, dict[str, dict[str, Any]]]] = []
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
     channel = _noise_channel(arm)
-    noise = ({"noise": "rows", "train_rows": lambda batch: batch.by_domain(names)} if channel == "rows" else
+    order = tuple(domains)  # the sampler's domain indices
+    noise = ({"noise": "rows", "train_rows": lambda batch: batch.by_domain(order)} if channel == "rows" else
              {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else {})
     for r in range(rc.trajectories):
         ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)

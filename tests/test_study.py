@@ -637,6 +637,8 @@ def test_response_rows_noise_channel_in_the_study(tmp_path: Path) -> None:
         assert b["unit"][k]["alignment"] == a["unit"][k]["alignment"]
         assert b["unit"][k]["response"]["mean"] != a["unit"][k]["response"]["mean"]
     assert len(list(tmp_path.rglob("response_*.json"))) == 2  # both estimates kept, under their own keys
+    assert "`response.noise: rows`" in r1.report_path.read_text()
+    assert "response.noise" not in r0.report_path.read_text()
 
 
 def test_predictors_target_the_observed_validation_loss(tmp_path: Path,
