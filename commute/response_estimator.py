@@ -155,8 +155,8 @@ class ResponseEstimator:
     with 5 + 5, 1.6x with 3 + 3 (small batches cost more per sequence), 6.4x with M = 3 targets and
     10 + 10; the replay 1.0-1.1x. With G = 4 groups of 5 + 5 a window costs about 9 trainings of it.
     Memory: the trajectory, detached (theta_t; plus m_t for SGD with momentum; plus m_t, v_t and g_t for
-    Adam/AdamW: n, 2n or 4n copies of the parameters, plus Kn with ``noise="rows"``; ``store_device="cpu"``
-    keeps them in host memory),
+    Adam/AdamW: n, 2n or 4n copies of the parameters; with ``noise="rows"`` also the training batches;
+    ``store_device="cpu"`` keeps them in host memory),
     for the step in hand about 7M + K + 4 copies for Adam, 5M + K + 1 for GD (pulled-back adjoints,
     grad L(theta_n), accumulators; with ``noise`` about 4K + M more: the per-domain second moments and shifts,
     the update's curvature per target and the variance derivatives), and the autograd graph of one fresh
@@ -390,8 +390,8 @@ class ResponseEstimator:
         self, train_batches: TrainBatches, n: int, start: int, lrs: Sequence[float], keep: bool,
         tick: Callable[[], None], rows_fn: Callable[[Any], Mapping[str, Any]] | None = None,
     ) -> tuple[list[tuple], Leaves, Leaves | None, Leaves | None, list[float]]:
-        """theta_t (m_t, v_t, g_t; with ``rows_fn`` the per-domain gradients of the batch's rows and their
-        counts) for t < n (stored if ``keep``), and theta_n, m_n, v_n, batch losses."""
+        """theta_t (m_t, v_t, g_t; with ``rows_fn`` the batch's rows by domain index) for t < n (stored if
+        ``keep``), and theta_n, m_n, v_n, batch losses."""
         p = tuple(x.detach() for x in self.params)
         m, v = self._m0, self._v0
         step0 = self.state.step
@@ -405,7 +405,7 @@ class ResponseEstimator:
             gs = self._grad(loss, q)
             g = tuple(torch.zeros_like(x) if d is None else d for x, d in zip(q, gs, strict=True))
             if keep:  # U_t is linear in g except for Adam: only Adam's Jacobian needs g_t
-                rows = None if rows_fn is None else self._row_gradients(rows_fn, batch, start + t, q)
+                rows = None if rows_fn is None else self._split_rows(rows_fn, batch, start + t)
                 traj.append(tuple(self._store(x) for x in (p, m, v, g if adam else None)) + (rows,))
             with torch.no_grad():
                 p, m, v = _step_leaves(p, g, m, v, step0 + t, lrs[t], self._hp)
@@ -508,9 +508,12 @@ class ResponseEstimator:
                 training rows of domain k (``train_rows``) at theta_t. Because lambda_{t+1} depends on xi_k
                 through theta_{t+1}, the product's mean carries the noise's second-order effect on
                 E[L(theta_n)] (Stein's lemma: exact for Gaussian noise), which the fresh estimate alone
-                leaves out (docs/design.md §1b). Costs one gradient per domain per step in the replay and
-                K more stored copies of the parameters per step; a step where domain k has no rows gets
-                no noise term for it.
+                leaves out (docs/design.md §1b). lambda is pulled back through the training rows' own
+                Hessian sum_k (n_k / B) H_k^train (the realised map's Jacobian; with fresh Hessians the mean
+                misses the Hessian noise's effect, which over a window is of the same order). Cost per step
+                per group: the fresh gradients without graphs, one graph gradient per domain on its training
+                rows and the M HVPs on it; the replay keeps the rows. A step where domain k has no rows
+                gets no noise term for it.
             train_batch_size: B, the rows of one training batch (with ``noise="exact"`` or ``"sample"``).
             train_rows: with ``noise="rows"``: training batch -> {domain: that domain's rows of it, a batch
                 ``loss_fn`` takes} (absent or empty: no rows); for commute's sampler,
@@ -674,12 +677,15 @@ class ResponseEstimator:
                                "rows of that domain} (commute.data.Batch.by_domain for commute's sampler).")
         if train_batch_size is not None:
             raise CommuteError("noise='rows' counts each batch's rows itself: leave train_batch_size unset.")
+        if self.train_loss_fn is not self.loss_fn:
+            raise CommuteError("noise='rows' differentiates the training rows with loss_fn: it needs the "
+                               "training loss to be the same function (leave train_loss_fn unset).")
         return train_rows
 
-    def _row_gradients(self, rows_fn: Callable[[Any], Mapping[str, Any]], batch: Any, step: int,
-                       q: Leaves) -> tuple[dict[int, Leaves], dict[int, int]]:
-        """{k: gradient of domain k's rows of the training batch at q (the loss as for fresh batches)} and
-        {k: n_k}, for the domains with rows."""
+    def _split_rows(self, rows_fn: Callable[[Any], Mapping[str, Any]], batch: Any, step: int
+                    ) -> dict[int, Any]:
+        """{k: domain k's rows of the training batch} for the domains with rows, checked to add up to the
+        batch's rows."""
         parts = rows_fn(batch)
         if not isinstance(parts, Mapping):
             raise CommuteError(f"train_rows must return a mapping domain -> rows, got "
@@ -689,19 +695,12 @@ class ResponseEstimator:
         if unknown:
             raise CommuteError(f"train_rows returned rows of {unknown}, which have no stream (domains: "
                                f"{list(index)}).")
-        grads: dict[int, Leaves] = {}
-        counts: dict[int, int] = {}
-        for d, rows in parts.items():
-            n_k = 0 if rows is None else _rows(rows)
-            if n_k == 0:
-                continue
-            where = f"domain {d!r}'s rows of the training batch of step {step}"
-            loss = self._loss(self._eval, where, rows, q)
-            gs = self._grad(loss, q)
-            grads[index[d]] = self._store(tuple(torch.zeros_like(x) if g_ is None else g_.detach()
-                                                for x, g_ in zip(q, gs, strict=True)))
-            counts[index[d]] = n_k
-        return grads, counts
+        out = {index[d]: rows for d, rows in parts.items() if rows is not None and _rows(rows) > 0}
+        total, split = _rows(batch), sum(_rows(x) for x in out.values())
+        if split != total:
+            raise CommuteError(f"train_rows split the training batch of step {step} into {split} rows, but "
+                               f"it has {total}; every row must go to its domain.")
+        return out
 
     def _noise_setting(self, noise: str | None, train_batch_size: int | None,
                        b: int) -> tuple[str, int] | None:
@@ -776,7 +775,7 @@ class ResponseEstimator:
     ) -> list[tuple[Leaves, Leaves | None, Leaves | None]]:
         """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t."""
         p0, m0, v0, g0 = (self._load(x) for x in z[:4])
-        own = z[4]  # the rows channel: (per-domain gradients of the training rows, their counts)
+        own = z[4]  # the rows channel: the training batch's rows by domain index
         step = self.state.step + t
         # U_t's pullback at the trajectory, with g an input (for GD/SGD U is linear: any g will do)
         p = tuple(x.detach().requires_grad_(True) for x in p0)
@@ -825,7 +824,7 @@ class ResponseEstimator:
             for k, d in enumerate(self.streams):
                 batch = self._next(d, iters[d], used)
                 loss = self._loss(self._eval, f"domain {d!r}", batch, q)
-                graph = need_h and w[k] != 0
+                graph = need_h and w[k] != 0 and own is None  # rows channel: the realised Hessian below
                 gs = self._grad(loss, q, create_graph=graph)
                 _accumulate(gk[k], gs, 1.0 / b)
                 if sq is not None:
@@ -846,14 +845,23 @@ class ResponseEstimator:
                 out[i, k] = _dot(vecs[i], gk[k])
                 out0[i, k] = _dot(a0[i], gk[k])
         if own is not None:  # rows channel: G_k(t) += < a_g, (n_k / (B w_k)) (ghat_k^train - gbar_k) / 2 >
-            grads, counts = own
-            B = sum(counts.values())
-            for k, gt in grads.items():
+            B = sum(_rows(x) for x in own.values())  # and lambda_t through the training rows' own Hessian
+            for k, rows_k in own.items():
+                n_k = _rows(rows_k)
+                where = f"domain {list(self.streams)[k]!r}'s rows of the training batch of step {step}"
+                loss = self._loss(self._eval, where, rows_k, q)
+                gs = self._grad(loss, q, create_graph=need_h)
+                gt = [torch.zeros_like(x) if d is None else d.detach() for x, d in zip(q, gs, strict=True)]
                 if w[k] > 0:
-                    c = 0.5 * counts[k] / (B * w[k])
-                    gt = self._load(gt)
+                    c = 0.5 * n_k / (B * w[k])
                     for i in range(len(pulled)):
                         out[i, k] += c * (_dot(vecs[i], gt) - _dot(vecs[i], gk[k]))
+                if need_h:
+                    self.n_hvp += len(vecs)
+                    for acc, h in zip(hv, graph_hvps(gs, q, vecs), strict=True):
+                        for a_, h_ in zip(acc, h, strict=True):
+                            a_.add_(h_.detach(), alpha=n_k / B)
+                del loss, gs
         if sq is not None:  # the noise channel: G_k(t) += < diag(d2<lambda, U_t>/dg2) / 2, dVar/dw_k >
             dvar = self._variance_derivative(w, gk, sq, shift, rows, b, noise)
             for i in range(len(pulled)):
@@ -864,10 +872,12 @@ class ResponseEstimator:
 
 
 def _rows(batch: Any) -> int:
-    """Rows (examples) of a batch: a tensor's first dimension, else that of the first tensor it holds."""
+    """Rows (examples) of a batch: a tensor's first dimension, else that of the first tensor it holds (or
+    of its ``input_ids``, as commute's ``Batch``)."""
     if isinstance(batch, Tensor) and batch.ndim > 0:
         return int(batch.shape[0])
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
+    items = (batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else
+             [getattr(batch, "input_ids", None)])
     for x in items:
         if isinstance(x, Tensor) and x.ndim > 0:
             return int(x.shape[0])

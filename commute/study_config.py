@@ -154,7 +154,8 @@ class StudyConfig:
             x = getattr(self.response, name)
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
                 raise CommuteError(f"response.{name} must be an integer >= 1, got {x!r}.")
-        if self.response.noise not in (False, True, "variance", "rows"):
+        noise = self.response.noise
+        if not isinstance(noise, bool | str) or noise not in (False, True, "variance", "rows"):
             raise CommuteError(f"response.noise must be false, 'rows' or 'variance' (true), got "
                                f"{self.response.noise!r}.")
         if self.response.noise == "rows" and self.sampler_mode != "exact":

@@ -876,6 +876,7 @@ def test_study_config_types_and_replay_fields_are_one_sentence() -> None:
                        ({"train_overrides": {"loss_weighting": "domain"}}, "response replay"),
                        ({"response": {"batches_per_step": 0}}, "batches_per_step must be an integer"),
                        ({"response": {"noise": "yes"}}, "response.noise must be false, 'rows' or 'variance'"),
+                       ({"response": {"noise": 1}}, "response.noise must be false, 'rows' or 'variance'"),
                        ({"response": {"noise": "rows"}, "sampler_mode": "sample"},
                         "rows needs sampler_mode: exact"),
                        ({"response": {"noise": True}}, "noise needs response.batches_per_step >= 2")):
