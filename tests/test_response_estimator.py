@@ -478,12 +478,12 @@ def test_adam_noise_channel_equals_its_definition_deterministically(mode: str, b
         assert np.all(reps[(mode, 16)].stderr(tname)["a"] <= 1e-9 * np.abs(got).max())
 
 
-def _expected_excess(prob: Regression, theta: torch.Tensor, state: OptimizerState, T: int, B: int, lr: float,
-                     kw: dict, R: int, seed: int) -> dict[str, tuple[float, float]]:
-    """Monte Carlo truth, written out independently: (E L(theta12) - E L(theta21)) / 2 per unit dw for one
-    row moved between the two domains of exact-composition batches of B rows (dw = 1/B), theta12/theta21
-    under common random numbers (each branch takes the first rows of the same per-step pools), R replicates
-    vectorised, Adam by hand. Returns domain -> (mean, stderr) of the per-unit excess of L_k."""
+def _adam_swap_branches(theta: torch.Tensor, state: OptimizerState, T: int, B: int, lr: float, kw: dict,
+                        R: int, seed: int, rows_grad) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta12, theta21 of the eq. (9) swap with one row moved between the two domains of exact-composition
+    batches of B rows (dw = 1/B), under common random numbers (each branch takes the first rows of the same
+    per-step pools; ``rows_grad(th, k, c, gen)`` draws domain k's pool of B rows and returns the sum of its
+    first c rows' gradients / B), R replicates vectorised, Adam by hand."""
     b1, b2 = kw["betas"]
 
     def branch(shift: int) -> torch.Tensor:
@@ -491,19 +491,28 @@ def _expected_excess(prob: Regression, theta: torch.Tensor, state: OptimizerStat
         th = theta.expand(R, -1).clone()
         m, v = state.m.expand(R, -1).clone(), state.v.expand(R, -1).clone()
         for t in range(2 * T):
-            grad = torch.zeros_like(th)
             s = shift if t < T else -shift
-            for k, c in enumerate((B // 2 + s, B // 2 - s)):
-                X = torch.randn(R, B, prob.d, dtype=DT, generator=gen) @ prob.chol[k].T
-                y = X @ prob.beta[k] + prob.noise * torch.randn(R, B, dtype=DT, generator=gen)
-                r = (X[:, :c] @ th.unsqueeze(-1)).squeeze(-1) - y[:, :c]
-                grad = grad + (X[:, :c] * r.unsqueeze(-1)).sum(1) / B
+            grad = sum(rows_grad(th, k, c, gen) for k, c in enumerate((B // 2 + s, B // 2 - s)))
             m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
             n = state.step + t + 1
             th = th - lr / (1 - b1**n) * m / (v.sqrt() / math.sqrt(1 - b2**n) + kw["eps"])
         return th
 
-    p12, p21 = branch(1), branch(-1)
+    return branch(1), branch(-1)
+
+
+def _expected_excess(prob: Regression, theta: torch.Tensor, state: OptimizerState, T: int, B: int, lr: float,
+                     kw: dict, R: int, seed: int) -> dict[str, tuple[float, float]]:
+    """Monte Carlo truth, written out independently (:func:`_adam_swap_branches`): (E L(theta12) -
+    E L(theta21)) / 2 per unit dw. Returns domain -> (mean, stderr) of the per-unit excess of L_k."""
+
+    def rows_grad(th: torch.Tensor, k: int, c: int, gen: torch.Generator) -> torch.Tensor:
+        X = torch.randn(R, B, prob.d, dtype=DT, generator=gen) @ prob.chol[k].T
+        y = X @ prob.beta[k] + prob.noise * torch.randn(R, B, dtype=DT, generator=gen)
+        r = (X[:, :c] @ th.unsqueeze(-1)).squeeze(-1) - y[:, :c]
+        return (X[:, :c] * r.unsqueeze(-1)).sum(1) / B
+
+    p12, p21 = _adam_swap_branches(theta, state, T, B, lr, kw, R, seed, rows_grad)
     out = {}
     for k, d in enumerate(prob.names):
         u12, u21 = p12 - prob.beta[k], p21 - prob.beta[k]
@@ -614,26 +623,13 @@ def _sgd_expected_loss_derivative(prob: NoisyQuadratic, theta: torch.Tensor, T: 
 
 def _adam_expected_excess(prob: NoisyQuadratic, theta: torch.Tensor, state: OptimizerState, T: int, B: int,
                           lr: float, kw: dict, R: int, seed: int) -> dict[str, tuple[float, float]]:
-    """Monte Carlo truth as in :func:`_expected_excess` (one row moved, common random numbers, Adam by
-    hand, R replicates vectorised): domain -> (mean, stderr) of the per-unit excess."""
-    b1, b2 = kw["betas"]
+    """Monte Carlo truth as in :func:`_expected_excess`: domain -> (mean, stderr) of the per-unit excess."""
 
-    def branch(shift: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        th = theta.expand(R, -1).clone()
-        m, v = state.m.expand(R, -1).clone(), state.v.expand(R, -1).clone()
-        for t in range(2 * T):
-            s = shift if t < T else -shift
-            grad = torch.zeros_like(th)
-            for k, c in enumerate((B // 2 + s, B // 2 - s)):
-                Y = prob.mu + prob.sd[k] * torch.randn(R, B, prob.d, dtype=DT, generator=gen)
-                grad = grad + prob.grad(th, Y[:, :c], k, B)
-            m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
-            n = state.step + t + 1
-            th = th - lr / (1 - b1**n) * m / (v.sqrt() / math.sqrt(1 - b2**n) + kw["eps"])
-        return th
+    def rows_grad(th: torch.Tensor, k: int, c: int, gen: torch.Generator) -> torch.Tensor:
+        Y = prob.mu + prob.sd[k] * torch.randn(R, B, prob.d, dtype=DT, generator=gen)
+        return prob.grad(th, Y[:, :c], k, B)
 
-    p12, p21 = branch(1), branch(-1)
+    p12, p21 = _adam_swap_branches(theta, state, T, B, lr, kw, R, seed, rows_grad)
     out = {}
     for k, d in enumerate("ab"):
         x = 0.25 * B * ((prob.a[k] * ((p12 - prob.mu) ** 2 - (p21 - prob.mu) ** 2)).sum(-1))
