@@ -155,8 +155,8 @@ class ResponseEstimator:
     with 5 + 5, 1.6x with 3 + 3 (small batches cost more per sequence), 6.4x with M = 3 targets and
     10 + 10; the replay 1.0-1.1x. With G = 4 groups of 5 + 5 a window costs about 9 trainings of it.
     Memory: the trajectory, detached (theta_t; plus m_t for SGD with momentum; plus m_t, v_t and g_t for
-    Adam/AdamW: n, 2n or 4n copies of the parameters; with ``noise="rows"`` also the training batches;
-    ``store_device="cpu"`` keeps them in host memory),
+    Adam/AdamW: n, 2n or 4n copies of the parameters, ``store_device="cpu"`` keeps them in host memory;
+    with ``noise="rows"`` also the window's training rows, where the batches put them),
     for the step in hand about 7M + K + 4 copies for Adam, 5M + K + 1 for GD (pulled-back adjoints,
     grad L(theta_n), accumulators; with ``noise`` about 4K + M more: the per-domain second moments and shifts,
     the update's curvature per target and the variance derivatives), and the autograd graph of one fresh
