@@ -157,11 +157,11 @@ class StudyConfig:
         noise = self.response.noise
         if not isinstance(noise, bool | str) or noise not in (False, True, "variance", "rows"):
             raise CommuteError(f"response.noise must be false, 'rows' or 'variance' (true), got "
-                               f"{self.response.noise!r}.")
-        if self.response.noise == "rows" and self.sampler_mode != "exact":
+                               f"{noise!r}.")
+        if noise == "rows" and self.sampler_mode != "exact":
             raise CommuteError("response.noise: rows needs sampler_mode: exact (the channel assumes fixed "
                                "rows per domain); use 'variance' with sampled batches.")
-        if self.response.noise in (True, "variance") and self.response.batches_per_step < 2:
+        if noise in (True, "variance") and self.response.batches_per_step < 2:
             raise CommuteError("response.noise needs response.batches_per_step >= 2 (the per-row gradient "
                                "variance comes from the spread of a step's fresh batches).")
         for o in self.optimizers:

@@ -678,6 +678,23 @@ def test_rows_noise_channel_is_half_the_training_rows_term() -> None:
     assert rows.meta["noise"] == "rows"
 
 
+def _fresh_and_rows_over_replays(est: ResponseEstimator, window, by_domain, target, T: int, R: int
+                                 ) -> dict[str, dict[str, list[float]]]:
+    """{"fresh" | "rows": {domain: the eq. (9) swap's response per unit dw, one per replay}}: R replays of
+    a balanced two-domain window of 2T steps (``window()`` draws its training batches), each estimated
+    without and with the rows channel on the same batches."""
+    unit = {"a": [1.0] * T + [-1.0] * T, "b": [-1.0] * T + [1.0] * T}
+    got: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": []} for m in ("fresh", "rows")}
+    for _ in range(R):
+        batches = window()
+        for m, extra in (("fresh", {}), ("rows", {"noise": "rows", "train_rows": by_domain})):
+            rep = est.estimate(batches, [{"a": 0.5, "b": 0.5}] * (2 * T), ["a", "b"], n_groups=2,
+                               target_data=target, **extra)
+            for dn in "ab":
+                got[m][dn].append(rep.predict(dn, unit).mean)
+    return got
+
+
 def test_rows_noise_channel_written_out() -> None:
     """The rows channel against its definition, written out for SGD on a quadratic with per-row curvature:
     counts 7 + 13 at w = (0.3, 0.7), so n_k / (B w_k) = 7/6 and 13/14; fixed fresh batches F_k (gbar_k their
@@ -782,15 +799,8 @@ def test_rows_noise_channel_with_per_row_curvature() -> None:
     est = ResponseEstimator(model, loss_fn, {"a": stream(0), "b": stream(1)}, lr=lr, optimizer="sgd")
     target = {dn: [(torch.full((1,), k), abar[k][None], torch.zeros(1, d, dtype=DT))]  # L_k exactly
               for k, dn in enumerate("ab")}
-    unit = {"a": [1.0] * T + [-1.0] * T, "b": [-1.0] * T + [1.0] * T}
-    got: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": []} for m in ("fresh", "rows")}
-    for _ in range(R):
-        batches = [batch(gen) for _ in range(2 * T)]
-        for m, extra in (("fresh", {}), ("rows", {"noise": "rows", "train_rows": by_domain})):
-            rep = est.estimate(batches, [{"a": 0.5, "b": 0.5}] * (2 * T), ["a", "b"], n_groups=2,
-                               target_data=target, **extra)
-            for dn in "ab":
-                got[m][dn].append(rep.predict(dn, unit).mean)
+    got = _fresh_and_rows_over_replays(est, lambda: [batch(gen) for _ in range(2 * T)], by_domain, target, T,
+                                       R)
     for dn in "ab":
         off = {}
         for m in got:
@@ -833,15 +843,8 @@ def test_rows_noise_channel_gives_the_derivative_of_the_expected_loss(name: str)
     est = ResponseEstimator(prob.model, prob.loss_fn, {"a": stream(0), "b": stream(1)}, lr=lr, optimizer=name,
                             state=named, **kw)
     exact_target = {dn: [(torch.full((1,), k), prob.mu[None])] for k, dn in enumerate("ab")}
-    unit = {"a": [1.0] * T + [-1.0] * T, "b": [-1.0] * T + [1.0] * T}
-    got: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": []} for m in ("fresh", "rows")}
-    for _ in range(R):
-        batches = [prob.batch((B // 2, B // 2), gen) for _ in range(2 * T)]
-        for m, extra in (("fresh", {}), ("rows", {"noise": "rows", "train_rows": prob.by_domain})):
-            rep = est.estimate(batches, [{"a": 0.5, "b": 0.5}] * (2 * T), ["a", "b"], n_groups=2,
-                               target_data=exact_target, **extra)
-            for dn in "ab":
-                got[m][dn].append(rep.predict(dn, unit).mean)
+    got = _fresh_and_rows_over_replays(est, lambda: [prob.batch((B // 2, B // 2), gen) for _ in range(2 * T)],
+                                       prob.by_domain, exact_target, T, R)
     off = {m: {} for m in got}  # |mean - truth| in combined stderr
     for m, dn in itertools.product(got, "ab"):
         x = np.array(got[m][dn])
