@@ -87,6 +87,7 @@ def main() -> None:
     base, unit, G = dict(arm.variant.base), S._unit_delta(cfg), a.groups
     print(f"{a.preset} {arm.label} t0={a.t0} T={cfg.T}: response per unit Δw, {a.batches} batches, "
           f"{G} groups")
+    per_path: dict[str, list[float]] = {k: [] for k in names}
     for r in (int(x) for x in a.trajectories.split(",")):
         ck = load_checkpoint(arm.checkpoint(a.t0), device=a.device, with_optimizer=True)
         saved = dict(ck.state["sampler"])
@@ -120,9 +121,15 @@ def main() -> None:
             c = np.einsum("gkt,kt->gt", rep.samples(k), delta)  # per group, per step
             q = np.abs(c).reshape(G, 4, -1).sum(-1)
             share = q / q.sum(-1, keepdims=True)
+            per_path[k].append(float(c.sum(-1).mean()))
             print(f"  trajectory {r} L={k}: per group {np.array2string(c.sum(-1), precision=4)}; share of "
                   f"|δw·G| by quarter (first..last) {np.array2string(share.mean(0), precision=3)}")
         print(f"  trajectory {r}: {time.perf_counter() - t:.0f} s", flush=True)
+    if len(per_path[names[0]]) > 1:  # what the study's prediction is: the mean over trajectories
+        for k, x in per_path.items():
+            sd = float(np.std(x, ddof=1))
+            print(f"L={k}: mean over {len(x)} trajectories {np.mean(x):+.4f} ± {sd / np.sqrt(len(x)):.4f}"
+                  f" per unit Δw (sd over trajectories {sd:.4f})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Ground truth for the noise channel on a real model: the eq. (9) swap run under two paradigms.
+
+A schedule w(t) can act on a training batch in two ways, and they move the gradient's noise differently
+(docs/design.md §1b, "the rows noise channel"):
+
+* ``sample`` (what ``commute study`` runs, ``sampler_mode: exact``): the batch *holds* n_k = w_k B rows of
+  domain k. The noise of domain k has variance ∝ w_k, so its derivative is the mean field M plus the noise
+  effect N (what ``response.noise: rows`` estimates: M + N);
+* ``reweight``: the batch keeps the base composition and the loss weighs domain k's mean by w_k
+  (``loss_weighting: domain``). The noise's standard deviation is ∝ w_k, so its variance moves twice as
+  fast: M + 2N (what ``bench/response_window.py --batches train`` estimates along one path).
+
+Both are run here from one study checkpoint, θ12 and θ21 under the same replicate sampler seeds (common
+random numbers, replicate r = the study's replicate r, 0 = the run's own batches). The antisymmetric excess
+(EL^12 − EL^21)/2 per unit Δw, mean ± stderr over replicates, of each paradigm gives, without any estimator,
+N = reweight − sample and M = 2·sample − reweight: the truth the fresh estimate (M) and the rows channel
+(M + N) are checked against.
+
+    python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 16 --out /tmp/rw_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from commute import study as S
+from commute.checkpoint import load_optimizer_state
+from commute.data import MixtureSampler
+from commute.progress import Progress
+from commute.study_config import PRESETS, StudyConfig
+from commute.train import _apply_hparams, _build_optimizer, evaluate, load_checkpoint, lr_at, train_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    ap.add_argument("--variant", default="balanced")
+    ap.add_argument("--t0", type=int, default=250)
+    ap.add_argument("--delta-w", type=float, default=0.3)
+    ap.add_argument("--replicates", type=int, default=16, help="sampler seeds (replicate 0: the run's own)")
+    ap.add_argument("--out", default="reports/response_window", help="base run cache (shared with "
+                    "bench/response_window.py)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache-dir", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+
+    d = copy.deepcopy(PRESETS[a.preset])
+    d.update(optimizers=[a.optimizer], t0s=[a.t0], extra_p_steps=[], replicates=1)
+    d["variants"] = [v for v in d["variants"] if v["name"] == a.variant]
+    d["locality"]["enabled"] = False
+    cfg = StudyConfig.from_dict(d)
+    domains, val = S._load_data(cfg, a.cache_dir)
+    arm = S.Arm(cfg, a.optimizer, cfg.variants[0], Path(a.out), a.device)
+    with Progress(f"{arm.label}: base run", cfg.t0s[-1] + 2 * cfg.T) as bar:
+        S.run_base(arm, domains, bar)
+    tc, names, T = arm.tc, list(cfg.domain_names), cfg.T
+    d1, d2 = names[:2]
+    base = dict(arm.variant.base)
+
+    def phase(first: str, step: int) -> dict[str, float]:
+        up = first if step < T else (d2 if first == d1 else d1)
+        w = dict(base)
+        w[up] += a.delta_w
+        w[d2 if up == d1 else d1] -= a.delta_w
+        return w
+
+    def branch(first: str, r: int, paradigm: str) -> dict[str, float]:
+        ck = load_checkpoint(arm.checkpoint(a.t0), device=a.device)
+        model = ck.model.train()
+        opt = _build_optimizer(model, tc)
+        opt.load_state_dict(load_optimizer_state(arm.checkpoint(a.t0), a.device))
+        _apply_hparams(opt, tc)
+        saved = dict(ck.state["sampler"])
+        seed_r = S.replicate_seed(cfg.seed, a.t0, r)
+        if seed_r is not None:
+            saved["seed"] = seed_r
+        sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
+        sampler.load_state_dict(saved)
+        for s in range(2 * T):
+            w, step = phase(first, s), a.t0 + s
+            batch = sampler.next_batch(w if paradigm == "sample" else base)
+            train_step(model, opt, [batch], w, names, lr=lr_at(tc, step), grad_clip=tc.grad_clip, step=step,
+                       loss_weighting="sample" if paradigm == "sample" else "domain")
+        return evaluate(model, val)
+
+    out: dict[str, list[dict[str, float]]] = {"sample": [], "reweight": []}
+    t = time.perf_counter()
+    for r in range(a.replicates):
+        for p in out:
+            l12, l21 = branch(d1, r, p), branch(d2, r, p)
+            out[p].append({k: (l12[k] - l21[k]) / (2 * a.delta_w) for k in names})
+        print(f"replicate {r}: " + "; ".join(f"{p} " + ", ".join(f"{k} {v[-1][k]:+.4f}" for k in names)
+                                             for p, v in out.items()), flush=True)
+    print(f"{a.preset} {arm.label} t0={a.t0} T={T} Δw={a.delta_w}, {a.replicates} replicates "
+          f"({time.perf_counter() - t:.0f} s): antisymmetric excess per unit Δw, mean ± stderr")
+
+    def ms(y: np.ndarray) -> str:
+        return f"{y.mean():+.4f} ± {y.std(ddof=1) / np.sqrt(len(y)):.4f}"
+
+    for k in names:
+        x = {p: np.array([v[k] for v in vs]) for p, vs in out.items()}
+        print(f"  L={k}: sample (M + N) {ms(x['sample'])}; reweight (M + 2N) {ms(x['reweight'])}; "
+              f"N {ms(x['reweight'] - x['sample'])}; M {ms(2 * x['sample'] - x['reweight'])}")
+
+
+if __name__ == "__main__":
+    main()
