@@ -62,7 +62,7 @@ def main() -> None:
     with Progress(f"{arm.label}: base run", cfg.t0s[-1] + 2 * cfg.T) as bar:
         S.run_base(arm, domains, bar)
     tc, names, T = arm.tc, list(cfg.domain_names), cfg.T
-    d1, d2 = names[:2]
+    d1, d2 = cfg.pair_names  # θ12 boosts d1 first, as the study
     base = dict(arm.variant.base)
 
     def phase(first: str, step: int) -> dict[str, float]:
