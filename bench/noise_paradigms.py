@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--t0", type=int, default=250)
     ap.add_argument("--delta-w", type=float, default=0.3)
     ap.add_argument("--replicates", type=int, default=16, help="sampler seeds (replicate 0: the run's own)")
+    ap.add_argument("--paradigms", default="sample,reweight", help="which to run (comma-separated)")
     ap.add_argument("--out", default="reports/response_window", help="base run cache (shared with "
                     "bench/response_window.py)")
     ap.add_argument("--device", default="cpu")
@@ -91,7 +92,10 @@ def main() -> None:
                        loss_weighting="sample" if paradigm == "sample" else "domain")
         return evaluate(model, val)
 
-    out: dict[str, list[dict[str, float]]] = {"sample": [], "reweight": []}
+    chosen = a.paradigms.split(",")
+    if not chosen or set(chosen) - {"sample", "reweight"}:
+        ap.error("--paradigms takes sample, reweight or both, comma-separated.")
+    out: dict[str, list[dict[str, float]]] = {p: [] for p in chosen}
     t = time.perf_counter()
     for r in range(a.replicates):
         for p in out:
@@ -105,10 +109,13 @@ def main() -> None:
     def ms(y: np.ndarray) -> str:
         return f"{y.mean():+.4f} ± {y.std(ddof=1) / np.sqrt(len(y)):.4f}"
 
+    label = {"sample": "sample (M + N)", "reweight": "reweight (M + 2N)"}
     for k in names:
         x = {p: np.array([v[k] for v in vs]) for p, vs in out.items()}
-        print(f"  L={k}: sample (M + N) {ms(x['sample'])}; reweight (M + 2N) {ms(x['reweight'])}; "
-              f"N {ms(x['reweight'] - x['sample'])}; M {ms(2 * x['sample'] - x['reweight'])}")
+        line = "; ".join(f"{label[p]} {ms(y)}" for p, y in x.items())
+        if len(x) == 2:  # paired over the same seeds
+            line += f"; N {ms(x['reweight'] - x['sample'])}; M {ms(2 * x['sample'] - x['reweight'])}"
+        print(f"  L={k}: {line}")
 
 
 if __name__ == "__main__":
