@@ -10,13 +10,18 @@ A schedule w(t) can act on a training batch in two ways, and they move the gradi
   (``loss_weighting: domain``). The noise's standard deviation is ∝ w_k, so its variance moves twice as
   fast: M + 2N (what ``bench/response_window.py --batches train`` estimates along one path).
 
-Both are run here from one study checkpoint, θ12 and θ21 under the same replicate sampler seeds (common
-random numbers, replicate r = the study's replicate r, 0 = the run's own batches). The antisymmetric excess
-(EL^12 − EL^21)/2 per unit Δw, mean ± stderr over replicates, of each paradigm gives, without any estimator,
-N = reweight − sample and M = 2·sample − reweight: the truth the fresh estimate (M) and the rows channel
-(M + N) are checked against.
+* ``mean``: the base rows and loss, plus Σ_k δw_k(t)·L_k on ``--mean-rows`` fresh rows per domain per step:
+  the schedule moves the mean gradient and leaves the noise as it was, M alone (what the default, fresh
+  response estimates).
 
-    python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 16 --out /tmp/rw_tiny
+All run from one study checkpoint, θ12 and θ21 under the same replicate sampler seeds (common random
+numbers, replicate r = the study's replicate r, 0 = the run's own batches). The antisymmetric excess
+(EL^12 − EL^21)/2 per unit Δw, mean ± stderr over replicates, of each paradigm is the truth, without any
+estimator, that the fresh estimate (M), the rows channel (M + N) and ``--batches train`` (M + 2N along one
+path) are checked against; differences between paradigms are paired over the same seeds.
+
+    python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --out /tmp/rw_tiny
+    python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --paradigms mean --delta-w 0.03
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from commute import study as S
 from commute.checkpoint import load_optimizer_state
 from commute.data import MixtureSampler
+from commute.model import sequence_losses
 from commute.progress import Progress
 from commute.study_config import PRESETS, StudyConfig
 from commute.train import _apply_hparams, _build_optimizer, evaluate, load_checkpoint, lr_at, train_step
@@ -45,7 +51,9 @@ def main() -> None:
     ap.add_argument("--t0", type=int, default=250)
     ap.add_argument("--delta-w", type=float, default=0.3)
     ap.add_argument("--replicates", type=int, default=16, help="sampler seeds (replicate 0: the run's own)")
-    ap.add_argument("--paradigms", default="sample,reweight", help="which to run (comma-separated)")
+    ap.add_argument("--paradigms", default="sample,reweight", help="which to run, comma-separated: sample, "
+                    "reweight, mean")
+    ap.add_argument("--mean-rows", type=int, default=64, help="'mean': fresh rows per domain per step")
     ap.add_argument("--out", default="reports/response_window", help="base run cache (shared with "
                     "bench/response_window.py)")
     ap.add_argument("--device", default="cpu")
@@ -85,16 +93,22 @@ def main() -> None:
             saved["seed"] = seed_r
         sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
         sampler.load_state_dict(saved)
+        fresh = {k: domains[k].batches(a.mean_rows, tc.seq_len, seed=7_919 * (r + 1) + i)  # same in θ12, θ21
+                 for i, k in enumerate(names)}
         for s in range(2 * T):
             w, step = phase(first, s), a.t0 + s
             batch = sampler.next_batch(w if paradigm == "sample" else base)
+            if paradigm == "mean":
+                _mean_step(model, opt, batch, {k: w[k] - base[k] for k in names},
+                           {k: next(fresh[k]) for k in names}, lr_at(tc, step), tc.grad_clip)
+                continue
             train_step(model, opt, [batch], w, names, lr=lr_at(tc, step), grad_clip=tc.grad_clip, step=step,
                        loss_weighting="sample" if paradigm == "sample" else "domain")
         return evaluate(model, val)
 
     chosen = a.paradigms.split(",")
-    if not chosen or set(chosen) - {"sample", "reweight"}:
-        ap.error("--paradigms takes sample, reweight or both, comma-separated.")
+    if not chosen or set(chosen) - {"sample", "reweight", "mean"}:
+        ap.error("--paradigms takes sample, reweight and/or mean, comma-separated.")
     out: dict[str, list[dict[str, float]]] = {p: [] for p in chosen}
     t = time.perf_counter()
     for r in range(a.replicates):
@@ -109,13 +123,33 @@ def main() -> None:
     def ms(y: np.ndarray) -> str:
         return f"{y.mean():+.4f} ± {y.std(ddof=1) / np.sqrt(len(y)):.4f}"
 
-    label = {"sample": "sample (M + N)", "reweight": "reweight (M + 2N)"}
+    label = {"sample": "sample (M + N)", "reweight": "reweight (M + 2N)", "mean": "mean (M)"}
     for k in names:
         x = {p: np.array([v[k] for v in vs]) for p, vs in out.items()}
         line = "; ".join(f"{label[p]} {ms(y)}" for p, y in x.items())
-        if len(x) == 2:  # paired over the same seeds
+        if "sample" in x and "reweight" in x:  # paired over the same seeds
             line += f"; N {ms(x['reweight'] - x['sample'])}; M {ms(2 * x['sample'] - x['reweight'])}"
+        for p, y in x.items():
+            if "mean" in x and p != "mean":
+                line += f"; {p} − mean {ms(y - x['mean'])}"
         print(f"  L={k}: {line}")
+
+
+def _mean_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: object, dw: dict[str, float],
+               fresh: dict[str, torch.Tensor], lr: float, clip: float) -> None:
+    """One step of the 'mean' paradigm: the base batch's loss plus Σ_k δw_k · L_k(fresh rows), i.e. the
+    schedule moves the mean gradient (by δw_k·ĝ_k from many fresh rows) and leaves the noise as it was."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss = sequence_losses(model, batch.input_ids).mean()
+    for k, x in dw.items():
+        if x:
+            loss = loss + x * sequence_losses(model, fresh[k]).mean()
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
 
 
 if __name__ == "__main__":
