@@ -1,15 +1,15 @@
-"""Ground truth for the noise channel on a real model: the eq. (9) swap run under two paradigms.
+"""Ground truth for the noise channel on a real model: the eq. (9) swap run under three paradigms.
 
-A schedule w(t) can act on a training batch in two ways, and they move the gradient's noise differently
-(docs/design.md §1b, "the rows noise channel"):
+A schedule w(t) can act on a training batch in several ways that move the gradient's noise differently
+(docs/design.md §1b, "the rows noise channel"; M: the mean gradient's part of the derivative, N: the
+noise's):
 
 * ``sample`` (what ``commute study`` runs, ``sampler_mode: exact``): the batch *holds* n_k = w_k B rows of
   domain k. The noise of domain k has variance ∝ w_k, so its derivative is the mean field M plus the noise
   effect N (what ``response.noise: rows`` estimates: M + N);
 * ``reweight``: the batch keeps the base composition and the loss weighs domain k's mean by w_k
   (``loss_weighting: domain``). The noise's standard deviation is ∝ w_k, so its variance moves twice as
-  fast: M + 2N (what ``bench/response_window.py --batches train`` estimates along one path).
-
+  fast: M + 2N (what ``bench/response_window.py --batches train`` estimates along one path);
 * ``mean``: the base rows and loss, plus Σ_k δw_k(t)·L_k on ``--mean-rows`` fresh rows per domain per step:
   the schedule moves the mean gradient and leaves the noise as it was, M alone (what the default, fresh
   response estimates).
@@ -22,6 +22,9 @@ path) are checked against; differences between paradigms are paired over the sam
 
     python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --out /tmp/rw_tiny
     python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --paradigms mean --delta-w 0.03
+
+The base run is trained on first use and cached under ``--out`` (the same cache as
+``bench/response_window.py``); 12 replicates take 1–2 min per paradigm on one CPU core, ``mean`` ~5 min.
 """
 
 from __future__ import annotations
