@@ -62,6 +62,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args()
+    chosen = a.paradigms.split(",")
+    if not chosen or set(chosen) - {"sample", "reweight", "mean"}:
+        ap.error("--paradigms takes sample, reweight and/or mean, comma-separated.")
+    if a.replicates < 2:
+        ap.error("--replicates must be at least 2 to give a standard error.")
     torch.set_num_threads(1)
 
     d = copy.deepcopy(PRESETS[a.preset])
@@ -109,9 +114,6 @@ def main() -> None:
                        loss_weighting="sample" if paradigm == "sample" else "domain")
         return evaluate(model, val)
 
-    chosen = a.paradigms.split(",")
-    if not chosen or set(chosen) - {"sample", "reweight", "mean"}:
-        ap.error("--paradigms takes sample, reweight and/or mean, comma-separated.")
     out: dict[str, list[dict[str, float]]] = {p: [] for p in chosen}
     t = time.perf_counter()
     for r in range(a.replicates):
