@@ -30,19 +30,16 @@ The base run is trained on first use and cached under ``--out`` (the same cache 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _study_window import window_arm
 
 from commute import study as S
 from commute.checkpoint import load_optimizer_state
 from commute.data import MixtureSampler
 from commute.model import sequence_losses
-from commute.progress import Progress
-from commute.study_config import PRESETS, StudyConfig
 from commute.train import _apply_hparams, _build_optimizer, evaluate, load_checkpoint, lr_at, train_step
 
 
@@ -69,15 +66,7 @@ def main() -> None:
         ap.error("--replicates must be at least 2 to give a standard error.")
     torch.set_num_threads(1)
 
-    d = copy.deepcopy(PRESETS[a.preset])
-    d.update(optimizers=[a.optimizer], t0s=[a.t0], extra_p_steps=[], replicates=1)
-    d["variants"] = [v for v in d["variants"] if v["name"] == a.variant]
-    d["locality"]["enabled"] = False
-    cfg = StudyConfig.from_dict(d)
-    domains, val = S._load_data(cfg, a.cache_dir)
-    arm = S.Arm(cfg, a.optimizer, cfg.variants[0], Path(a.out), a.device)
-    with Progress(f"{arm.label}: base run", cfg.t0s[-1] + 2 * cfg.T) as bar:
-        S.run_base(arm, domains, bar)
+    cfg, domains, val, arm = window_arm(a.preset, a.optimizer, a.variant, a.t0, a.out, a.device, a.cache_dir)
     tc, names, T = arm.tc, list(cfg.domain_names), cfg.T
     d1, d2 = cfg.pair_names  # θ12 boosts d1 first, as the study
     base = dict(arm.variant.base)

@@ -27,20 +27,17 @@ response plus twice the noise effect, ``fresh`` the first alone, and ``fresh --n
 from __future__ import annotations
 
 import argparse
-import copy
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _study_window import window_arm
 
 from commute import study as S
 from commute.curvature import math_attention
 from commute.data import MixtureSampler
 from commute.model import lm_loss
-from commute.progress import Progress
 from commute.response import ResponseEstimator
-from commute.study_config import PRESETS, StudyConfig
 from commute.train import load_checkpoint, lr_at, param_group_names
 
 
@@ -74,15 +71,7 @@ def main() -> None:
         ap.error("--noise variance is for Adam (the channel needs 2 independent batches per step).")
     torch.set_num_threads(1)
 
-    d = copy.deepcopy(PRESETS[a.preset])
-    d.update(optimizers=[a.optimizer], t0s=[a.t0], extra_p_steps=[], replicates=1)
-    d["variants"] = [v for v in d["variants"] if v["name"] == a.variant]
-    d["locality"]["enabled"] = False
-    cfg = StudyConfig.from_dict(d)
-    domains, val = S._load_data(cfg, a.cache_dir)
-    arm = S.Arm(cfg, a.optimizer, cfg.variants[0], Path(a.out), a.device)
-    with Progress(f"{arm.label}: base run", cfg.t0s[-1] + 2 * cfg.T) as bar:
-        S.run_base(arm, domains, bar)
+    cfg, domains, val, arm = window_arm(a.preset, a.optimizer, a.variant, a.t0, a.out, a.device, a.cache_dir)
     rc, tc, names, n = cfg.response, arm.tc, list(cfg.domain_names), 2 * cfg.T
     base, unit, G = dict(arm.variant.base), S._unit_delta(cfg), a.groups
     print(f"{a.preset} {arm.label} t0={a.t0} T={cfg.T}: response per unit Δw, {a.batches} batches, "
