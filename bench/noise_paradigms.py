@@ -38,8 +38,8 @@ from _study_window import window_arm
 
 from commute import study as S
 from commute.checkpoint import load_optimizer_state
-from commute.data import MixtureSampler
 from commute.model import sequence_losses
+from commute.schedule import Intervention
 from commute.train import _apply_hparams, _build_optimizer, evaluate, load_checkpoint, lr_at, train_step
 
 
@@ -70,30 +70,20 @@ def main() -> None:
     tc, names, T = arm.tc, list(cfg.domain_names), cfg.T
     d1, d2 = cfg.pair_names  # θ12 boosts d1 first, as the study
     base = dict(arm.variant.base)
+    swap = {"12": Intervention(base, d1, d2, a.delta_w, a.t0, T)}  # eq. (9), as the study's branches
+    swap["21"] = swap["12"].reversed()
 
-    def phase(first: str, step: int) -> dict[str, float]:
-        up = first if step < T else (d2 if first == d1 else d1)
-        w = dict(base)
-        w[up] += a.delta_w
-        w[d2 if up == d1 else d1] -= a.delta_w
-        return w
-
-    def branch(first: str, r: int, paradigm: str) -> dict[str, float]:
+    def branch(order: str, r: int, paradigm: str) -> dict[str, float]:
         ck = load_checkpoint(arm.checkpoint(a.t0), device=a.device)
         model = ck.model.train()
         opt = _build_optimizer(model, tc)
         opt.load_state_dict(load_optimizer_state(arm.checkpoint(a.t0), a.device))
         _apply_hparams(opt, tc)
-        saved = dict(ck.state["sampler"])
-        seed_r = S.replicate_seed(cfg.seed, a.t0, r)
-        if seed_r is not None:
-            saved["seed"] = seed_r
-        sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
-        sampler.load_state_dict(saved)
+        sampler = S.replicate_sampler(domains, tc, ck.state["sampler"], cfg.seed, a.t0, r)
         fresh = {k: domains[k].batches(a.mean_rows, tc.seq_len, seed=7_919 * (r + 1) + i)  # same in θ12, θ21
                  for i, k in enumerate(names)}
-        for s in range(2 * T):
-            w, step = phase(first, s), a.t0 + s
+        for step in range(a.t0, a.t0 + 2 * T):
+            w = swap[order](step)
             batch = sampler.next_batch(w if paradigm == "sample" else base)
             if paradigm == "mean":
                 _mean_step(model, opt, batch, {k: w[k] - base[k] for k in names},
@@ -107,7 +97,7 @@ def main() -> None:
     t = time.perf_counter()
     for r in range(a.replicates):
         for p in out:
-            l12, l21 = branch(d1, r, p), branch(d2, r, p)
+            l12, l21 = branch("12", r, p), branch("21", r, p)
             out[p].append({k: (l12[k] - l21[k]) / (2 * a.delta_w) for k in names})
         print(f"replicate {r}: " + "; ".join(f"{p} " + ", ".join(f"{k} {v[-1][k]:+.4f}" for k in names)
                                              for p, v in out.items()), flush=True)

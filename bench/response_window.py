@@ -79,15 +79,9 @@ def main() -> None:
     per_path: dict[str, list[float]] = {k: [] for k in names}
     for r in (int(x) for x in a.trajectories.split(",")):
         ck = load_checkpoint(arm.checkpoint(a.t0), device=a.device, with_optimizer=True)
-        saved = dict(ck.state["sampler"])
-        seed_r = S.replicate_seed(cfg.seed, a.t0, r)
-        if seed_r is not None:
-            saved["seed"] = seed_r
 
-        def sampler(saved: dict = saved) -> MixtureSampler:
-            s = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
-            s.load_state_dict(saved)
-            return s
+        def sampler(state: dict = ck.state["sampler"], r: int = r) -> MixtureSampler:
+            return S.replicate_sampler(domains, tc, state, cfg.seed, a.t0, r)
 
         seed = cfg.seed * 1_000_003 + a.t0 + 13 + 7919 * r  # the study's fresh streams
         streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}

@@ -372,6 +372,22 @@ def replicate_seed(seed: int, t0: int, r: int) -> int | None:
     return None if r == 0 else int(config_hash(["replicate", seed, t0, r], 8), 16) % (2**31 - 1)
 
 
+def replicate_sampler(domains: Mapping[str, Any], tc: Any, state: Mapping[str, Any], seed: int, t0: int,
+                      r: int) -> Any:
+    """The training sampler of replicate ``r`` of the window at t0, restored from the checkpoint's sampler
+    ``state`` with the replicate's seed (:func:`replicate_seed`), as that replicate's branches run it
+    (``commute.train`` gives a branch its sampler seed); ``tc`` is the arm's training config."""
+    from commute.data import MixtureSampler
+
+    saved = dict(state)
+    rseed = replicate_seed(seed, t0, r)
+    if rseed is not None:
+        saved["seed"] = rseed
+    sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
+    sampler.load_state_dict(saved)
+    return sampler
+
+
 def _run_branch(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]], t0: int, dw: float,
                 order: str, bar: Progress, sampler_seed: int | None = None) -> BranchEnd:
     """θ12 (order "12": domain 1 boosted first) or θ21 from the base checkpoint at t0 (cached), under the
@@ -520,7 +536,6 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     with stderr std/√R: G along one trajectory varies from trajectory to trajectory far more than its
     stderr over groups says (that stderr is conditional on the trajectory). R = 1: one trajectory, the
     stderr over its groups. Trajectory 0's replay is checked against the base checkpoint at t0 + 2T."""
-    from commute.data import MixtureSampler
     from commute.estimate import Estimate
     from commute.model import lm_loss
     from commute.response_estimator import ResponseEstimator
@@ -539,14 +554,9 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
              {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else {})
     for r in range(rc.trajectories):
         ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
-        saved = dict(ck.state["sampler"])
-        rseed = replicate_seed(cfg.seed, t0, r)
-        if rseed is not None:
-            saved["seed"] = rseed  # as a replicate's branch does (commute.train: a branch's sampler seed)
 
-        def train_batches(saved: dict[str, Any] = saved) -> Callable[[int], Any]:
-            sampler = MixtureSampler(domains, tc.batch_size, tc.seq_len, int(saved["seed"]), tc.sampler_mode)
-            sampler.load_state_dict(saved)
+        def train_batches(state: Mapping[str, Any] = ck.state["sampler"], r: int = r) -> Callable[[int], Any]:
+            sampler = replicate_sampler(domains, tc, state, cfg.seed, t0, r)
             return lambda s: sampler.next_batch(base)
 
         seed = cfg.seed * 1_000_003 + t0 + 13 + 7919 * r
