@@ -1,4 +1,4 @@
-"""Ground truth for the noise channel on a real model: the eq. (9) swap run under three paradigms.
+"""Ground truth for the noise channel on a real model: the eq. (9) swap run under four paradigms.
 
 A schedule w(t) can act on a training batch in several ways that move the gradient's noise differently
 (docs/design.md §1b, "the rows noise channel"; M: the mean gradient's part of the derivative, N: the
@@ -12,7 +12,13 @@ noise's):
   fast: M + 2N (what ``bench/response_window.py --batches train`` estimates along one path);
 * ``mean``: the base rows and loss, plus Σ_k δw_k(t)·L_k on ``--mean-rows`` fresh rows per domain per step:
   the schedule moves the mean gradient and leaves the noise as it was, M alone (what the default, fresh
-  response estimates).
+  response estimates);
+* ``noise``: the base rows and loss, plus, for each domain whose weight the schedule raises (δw_k > 0),
+  √(δw_k m/B)·(L_k(a) − L_k(b)) on two independent sets a, b of m = ``--mean-rows``/2 fresh rows: a zero-mean
+  gradient term of covariance 2δw_k C_k/B (C_k: domain k's per-row gradient covariance). The mean gradient
+  does not move; the arms θ12 − θ21 differ in noise covariance by 2·δw(t)·C/B, which is what moving rows
+  does to θ12 − θ21, so to first order in the covariance the excess is N alone — the premise of the rows
+  channel (noise enters through its covariance) put to the test: ``sample − mean`` should equal it.
 
 All run from one study checkpoint, θ12 and θ21 under the same replicate sampler seeds (common random
 numbers, replicate r = the study's replicate r, 0 = the run's own batches). The antisymmetric excess
@@ -21,10 +27,17 @@ estimator, that the fresh estimate (M), the rows channel (M + N) and ``--batches
 path) are checked against; differences between paradigms are paired over the same seeds.
 
     python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --out /tmp/rw_tiny
-    python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --paradigms mean --delta-w 0.03
+    python bench/noise_paradigms.py --preset tiny --t0 250 --delta-w 0.1 --replicates 12 \\
+        --paradigms noise,mean,sample
+    python bench/noise_paradigms.py --preset tiny --t0 250 --delta-w 0.1 --replicates 24 --first 12 \\
+        --paradigms mean
+    python bench/noise_paradigms.py --preset small --t0 1200 --delta-w 0.15 --replicates 6 \\
+        --paradigms noise,mean,sample
 
 The base run is trained on first use and cached under ``--out`` (the same cache as
-``bench/response_window.py``); 12 replicates take 1–2 min per paradigm on one CPU core, ``mean`` ~5 min.
+``bench/response_window.py``); on one CPU core 12 ``tiny`` replicates take 1–2 min per paradigm, ``mean``
+and ``noise`` ~5 min each; a ``small`` replicate of noise, mean and sample ~5 min. ``--first`` extends an
+earlier run with new replicates (pool the printed per-replicate lines).
 """
 
 from __future__ import annotations
@@ -51,17 +64,22 @@ def main() -> None:
     ap.add_argument("--t0", type=int, default=250)
     ap.add_argument("--delta-w", type=float, default=0.3)
     ap.add_argument("--replicates", type=int, default=16, help="sampler seeds (replicate 0: the run's own)")
+    ap.add_argument("--first", type=int, default=0, help="first replicate (to extend an earlier run: "
+                    "replicates first .. first + replicates − 1)")
     ap.add_argument("--paradigms", default="sample,reweight", help="which to run, comma-separated: sample, "
-                    "reweight, mean")
-    ap.add_argument("--mean-rows", type=int, default=64, help="'mean': fresh rows per domain per step")
+                    "reweight, mean, noise")
+    ap.add_argument("--mean-rows", type=int, default=64,
+                    help="'mean', 'noise': fresh rows per domain per step")
     ap.add_argument("--out", default="reports/response_window", help="base run cache (shared with "
                     "bench/response_window.py)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args()
     chosen = a.paradigms.split(",")
-    if not chosen or set(chosen) - {"sample", "reweight", "mean"}:
-        ap.error("--paradigms takes sample, reweight and/or mean, comma-separated.")
+    if not chosen or set(chosen) - {"sample", "reweight", "mean", "noise"}:
+        ap.error("--paradigms takes sample, reweight, mean and/or noise, comma-separated.")
+    if a.first < 0:
+        ap.error("--first must be 0 or more.")
     if a.replicates < 2:
         ap.error("--replicates must be at least 2 to give a standard error.")
     torch.set_num_threads(1)
@@ -85,9 +103,10 @@ def main() -> None:
         for step in range(a.t0, a.t0 + 2 * T):
             w = swap[order](step)
             batch = sampler.next_batch(w if paradigm == "sample" else base)
-            if paradigm == "mean":
+            if paradigm in ("mean", "noise"):
                 _mean_step(model, opt, batch, {k: w[k] - base[k] for k in names},
-                           {k: next(fresh[k]) for k in names}, lr_at(tc, step), tc.grad_clip)
+                           {k: next(fresh[k]) for k in names}, lr_at(tc, step), tc.grad_clip,
+                           noise_only=paradigm == "noise", batch_size=tc.batch_size)
                 continue
             train_step(model, opt, [batch], w, names, lr=lr_at(tc, step), grad_clip=tc.grad_clip, step=step,
                        loss_weighting="sample" if paradigm == "sample" else "domain")
@@ -95,7 +114,7 @@ def main() -> None:
 
     out: dict[str, list[dict[str, float]]] = {p: [] for p in chosen}
     t = time.perf_counter()
-    for r in range(a.replicates):
+    for r in range(a.first, a.first + a.replicates):
         for p in out:
             l12, l21 = branch("12", r, p), branch("21", r, p)
             out[p].append({k: (l12[k] - l21[k]) / (2 * a.delta_w) for k in names})
@@ -107,28 +126,40 @@ def main() -> None:
     def ms(y: np.ndarray) -> str:
         return f"{y.mean():+.4f} ± {y.std(ddof=1) / np.sqrt(len(y)):.4f}"
 
-    label = {"sample": "sample (M + N)", "reweight": "reweight (M + 2N)", "mean": "mean (M)"}
+    label = {"sample": "sample (M + N)", "reweight": "reweight (M + 2N)", "mean": "mean (M)",
+             "noise": "noise (N)"}
     for k in names:
         x = {p: np.array([v[k] for v in vs]) for p, vs in out.items()}
         line = "; ".join(f"{label[p]} {ms(y)}" for p, y in x.items())
         if "sample" in x and "reweight" in x:  # paired over the same seeds
             line += f"; N {ms(x['reweight'] - x['sample'])}; M {ms(2 * x['sample'] - x['reweight'])}"
         for p, y in x.items():
-            if "mean" in x and p != "mean":
+            if "mean" in x and p not in ("mean", "noise"):
                 line += f"; {p} − mean {ms(y - x['mean'])}"
+        if "noise" in x and "mean" in x:  # the premise: sample = mean + noise
+            for p, c in (("sample", 1), ("reweight", 2)):
+                if p in x:
+                    line += f"; {p} − mean − {c}·noise {ms(x[p] - x['mean'] - c * x['noise'])}"
         print(f"  L={k}: {line}")
 
 
 def _mean_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: object, dw: dict[str, float],
-               fresh: dict[str, torch.Tensor], lr: float, clip: float) -> None:
+               fresh: dict[str, torch.Tensor], lr: float, clip: float, noise_only: bool = False,
+               batch_size: int = 1) -> None:
     """One step of the 'mean' paradigm: the base batch's loss plus Σ_k δw_k · L_k(fresh rows), i.e. the
-    schedule moves the mean gradient (by δw_k·ĝ_k from many fresh rows) and leaves the noise as it was."""
+    schedule moves the mean gradient (by δw_k·ĝ_k from many fresh rows) and leaves the noise as it was.
+    With ``noise_only`` (the 'noise' paradigm) the added term is instead Σ_{δw_k > 0} √(δw_k m/B)·(L_k(a) −
+    L_k(b)), the fresh rows split into halves a, b of m rows: zero mean, covariance 2δw_k C_k/B."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
     loss = sequence_losses(model, batch.input_ids).mean()
     for k, x in dw.items():
-        if x:
+        if noise_only and x > 0:
+            m = len(fresh[k]) // 2
+            per_row = sequence_losses(model, fresh[k][: 2 * m])
+            loss = loss + (x * m / batch_size) ** 0.5 * (per_row[:m].mean() - per_row[m:].mean())
+        elif x and not noise_only:
             loss = loss + x * sequence_losses(model, fresh[k]).mean()
     loss.backward()
     if clip:
