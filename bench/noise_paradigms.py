@@ -18,7 +18,9 @@ noise's):
   gradient term of covariance 2δw_k C_k/B (C_k: domain k's per-row gradient covariance). The mean gradient
   does not move; the arms θ12 − θ21 differ in noise covariance by 2·δw(t)·C/B, which is what moving rows
   does to θ12 − θ21, so to first order in the covariance the excess is N alone — the premise of the rows
-  channel (noise enters through its covariance) put to the test: ``sample − mean`` should equal it.
+  channel (noise enters through its covariance) put to the test: ``sample − mean`` should equal it. Both
+  arms also carry a common extra covariance Δw(C_1 + C_2)/B that moving rows does not add; its effect on
+  the per-unit excess is O(Δw), so compare two Δw before reading a small difference.
 
 All run from one study checkpoint, θ12 and θ21 under the same replicate sampler seeds (common random
 numbers, replicate r = the study's replicate r, 0 = the run's own batches). The antisymmetric excess
@@ -29,8 +31,8 @@ path) are checked against; differences between paradigms are paired over the sam
     python bench/noise_paradigms.py --preset tiny --t0 250 --replicates 12 --out /tmp/rw_tiny
     python bench/noise_paradigms.py --preset tiny --t0 250 --delta-w 0.1 --replicates 12 \\
         --paradigms noise,mean,sample
-    python bench/noise_paradigms.py --preset tiny --t0 250 --delta-w 0.1 --replicates 24 --first 12 \\
-        --paradigms mean
+    python bench/noise_paradigms.py --preset tiny --t0 250 --delta-w 0.1 --replicates 12 --first 12 \\
+        --paradigms noise,mean,sample   # replicates 12-23, to pool with the run above
     python bench/noise_paradigms.py --preset small --t0 1200 --delta-w 0.15 --replicates 6 \\
         --paradigms noise,mean,sample
 
