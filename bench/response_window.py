@@ -22,6 +22,10 @@ response plus twice the noise effect, ``fresh`` the first alone, and ``fresh --n
     python bench/response_window.py --preset tiny --t0 100 --groups 4
     python bench/response_window.py --preset small --t0 1200 --trajectories 0,2 --noise   # v's noise channel
     python bench/response_window.py --preset small --t0 1200 --trajectories 0,1,2,3 --noise rows
+    python bench/response_window.py --preset tiny --t0 250 --trajectories 0,1,2,3 --adjoint train
+
+``--adjoint train`` pulls the fresh estimate's adjoint back through the training batch's own rows (the
+realised map's Hessian) instead of the fresh batches' (``response.adjoint: train``).
 """
 
 from __future__ import annotations
@@ -64,7 +68,14 @@ def main() -> None:
     ap.add_argument("--out", default="reports/response_window", help="base run cache")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--adjoint", default=None, choices=["fresh", "train"],
+                    help="pull the adjoint back through the fresh batches' Hessians or the training rows' "
+                         "(default: train with --noise rows, else fresh); response.adjoint in a study config")
     a = ap.parse_args()
+    if a.adjoint == "train" and (a.batches == "train" or a.noise == "variance"):
+        ap.error("--adjoint train is for fresh batches, with no noise channel or --noise rows.")
+    if a.adjoint == "fresh" and a.noise == "rows":
+        ap.error("--noise rows pulls the adjoint back through the training rows: leave --adjoint unset.")
     if a.noise and a.batches == "train":
         ap.error("--noise is for fresh batches (with --batches train the noise is already in the rows).")
     if a.noise == "variance" and a.optimizer != "adam":
@@ -91,7 +102,9 @@ def main() -> None:
         train = sampler()
         noise = ({"noise": tc.sampler_mode, "train_batch_size": tc.batch_size, "batches_per_step": 2}
                  if a.noise == "variance" else
-                 {"noise": "rows", "train_rows": lambda b: b.by_domain(names)} if a.noise == "rows" else {})
+                 {"noise": "rows", "train_rows": lambda b: b.by_domain(names)} if a.noise == "rows" else
+                 {"adjoint": "train", "train_rows": lambda b: b.by_domain(names)} if a.adjoint == "train"
+                 else {})
         est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
                                 state=ck.optimizer_state, state_names=param_group_names(ck.model))
         t = time.perf_counter()

@@ -126,6 +126,11 @@ def _response_target(data: Mapping[str, Any]) -> str:
              if channels == {"rows"} else
              ", with Adam's variance channel in some arms" if channels & {True, "variance"} else
              ", with the rows noise channel in some arms" if "rows" in channels else "")
+    adjoints = {x.get("adjoint") for a in data.get("arms", []) for x in a.get("responses", [])
+                if x.get("noise") != "rows"}
+    if "train" in adjoints:
+        noise += (", the adjoint through the training rows' own Hessians (`response.adjoint: train`)"
+                  if adjoints == {"train"} else ", the adjoint through the training rows in some arms")
     return where + noise
 
 

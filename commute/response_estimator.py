@@ -58,6 +58,7 @@ from commute.schedule import Intervention
 __all__ = ["ResponseEstimator", "ResponseReport", "Replay", "NoiseMode"]
 
 NoiseMode = Literal["exact", "sample", "rows"]
+AdjointMode = Literal["fresh", "train"]
 
 TrainBatches = Sequence[Any] | Iterable[Any] | Callable[[int], Any]
 WeightsArg = Sequence[Mapping[str, float]] | Callable[[int], Mapping[str, float]]
@@ -156,7 +157,7 @@ class ResponseEstimator:
     10 + 10; the replay 1.0-1.1x. With G = 4 groups of 5 + 5 a window costs about 9 trainings of it.
     Memory: the trajectory, detached (theta_t; plus m_t for SGD with momentum; plus m_t, v_t and g_t for
     Adam/AdamW: n, 2n or 4n copies of the parameters, ``store_device="cpu"`` keeps them in host memory;
-    with ``noise="rows"`` also the window's training rows, where the batches put them),
+    with ``noise="rows"`` or ``adjoint="train"`` also the window's training rows, where the batches put them),
     for the step in hand about 7M + K + 4 copies for Adam, 5M + K + 1 for GD (pulled-back adjoints,
     grad L(theta_n), accumulators; with ``noise`` about 4K + M more: the per-domain second moments and shifts,
     the update's curvature per target and the variance derivatives), and the autograd graph of one fresh
@@ -454,6 +455,7 @@ class ResponseEstimator:
         noise: NoiseMode | None = None,
         train_batch_size: int | None = None,
         train_rows: Callable[[Any], Mapping[str, Any]] | None = None,
+        adjoint: AdjointMode | None = None,
         progress: bool = False,
         distributed: bool = False,
     ) -> ResponseReport:
@@ -515,9 +517,19 @@ class ResponseEstimator:
                 rows and the M HVPs on it; the replay keeps the rows. A step where domain k has no rows
                 gets no noise term for it.
             train_batch_size: B, the rows of one training batch (with ``noise="exact"`` or ``"sample"``).
-            train_rows: with ``noise="rows"``: training batch -> {domain: that domain's rows of it, a batch
-                ``loss_fn`` takes} (absent or empty: no rows); for commute's sampler,
-                :meth:`commute.data.Batch.by_domain`.
+            train_rows: with ``noise="rows"`` or ``adjoint="train"``: training batch -> {domain: that
+                domain's rows of it, a batch ``loss_fn`` takes} (absent or empty: no rows); for commute's
+                sampler, :meth:`commute.data.Batch.by_domain`.
+            adjoint: how lambda is pulled back. ``"fresh"`` (the default without the rows channel): through
+                the fresh batches' Hessian estimate, the population linearisation along the trajectory.
+                ``"train"`` (the rows channel's, and its default): through the training batch's own rows,
+                sum_k (n_k / B) H_k^train, the realised map's Jacobian, needing ``train_rows``. With
+                ``noise=None`` that is the exact pathwise derivative of a run in which the schedule moves
+                only the mean gradient (by delta w_k gbar_k, gbar_k from the fresh batches), so its mean over
+                replays is the mean-field derivative: the fresh estimate's target, without the Hessian
+                noise that a fresh adjoint multiplies over the window (on the tiny study's window it
+                removed replays of -0.86 and +1.75 against a spread of +-0.1; docs/design.md §1b). Cost:
+                the rows channel's.
             progress: show a rich progress bar on stderr.
             distributed: split the groups over the processes of a torchrun run (every rank must call this
                 with the same model weights, optimiser state, streams, training batches and arguments; the
@@ -551,7 +563,7 @@ class ResponseEstimator:
         if target_data is not None and target_batches is not None:
             raise CommuteError("give target_data (a fixed evaluation set) or target_batches (fresh draws per "
                                "group), not both.")
-        rows_fn = self._rows_setting(noise, train_rows, train_batch_size)
+        rows_fn = self._rows_setting(noise, train_rows, train_batch_size, adjoint)
         noise_set = None if rows_fn is not None else self._noise_setting(noise, train_batch_size, b)
         in_targets = [k for k in range(K) if np.any(W[:, k] != 0)]
         fixed = check_target_data(target_data, [domains[k] for k in in_targets])
@@ -600,6 +612,7 @@ class ResponseEstimator:
                 lam = [(lam_end[i], _zeros(m_end), _zeros(v_end)) for i in range(M)]
                 for t in range(n - 1, -1, -1):
                     lam = self._step_back(t, traj[t], ws[t], lrs[t], lam, lam_end, iters, used, b, noise_set,
+                                          noise == "rows",
                                           g_groups[g, :, :, t], g0_groups[g, :, :, t])
                     bar.advance()
                 del lam, lam_end
@@ -623,7 +636,9 @@ class ResponseEstimator:
         if noise_set is not None:
             meta["noise"], meta["train_batch_size"] = noise_set
         if rows_fn is not None:
-            meta["noise"] = "rows"
+            meta["adjoint"] = "train"
+            if noise == "rows":
+                meta["noise"] = "rows"
         if fixed is not None:
             meta["target_data"] = {d: len(x) for d, x in fixed.items()}
         if world.enabled:
@@ -665,20 +680,31 @@ class ResponseEstimator:
                 lambda loss: self._grad(loss, q), q)
         return grads, losses
 
-    def _rows_setting(self, noise: str | None, train_rows: Any, train_batch_size: int | None
-                      ) -> Callable[[Any], Mapping[str, Any]] | None:
-        """The training-batch splitter of the ``"rows"`` noise channel (None: not that channel)."""
-        if noise != "rows":
+    def _rows_setting(self, noise: str | None, train_rows: Any, train_batch_size: int | None,
+                      adjoint: str | None = None) -> Callable[[Any], Mapping[str, Any]] | None:
+        """The training-batch splitter of the rows channel and of ``adjoint="train"`` (None: neither)."""
+        if adjoint is None:
+            adjoint = "train" if noise == "rows" else "fresh"
+        if adjoint not in ("fresh", "train"):
+            raise CommuteError(f"adjoint must be 'fresh' or 'train', got {adjoint!r}.")
+        if noise == "rows" and adjoint == "fresh":
+            raise CommuteError("noise='rows' pulls the adjoint back through the training rows' own Hessians: "
+                               "leave adjoint unset (or 'train').")
+        if adjoint == "fresh":
             if train_rows is not None:
-                raise CommuteError("train_rows is for the rows noise channel: give noise='rows' as well.")
+                raise CommuteError("train_rows is for the rows noise channel or adjoint='train': give one of "
+                                   "them as well.")
             return None
+        what = "noise='rows'" if noise == "rows" else "adjoint='train'"
+        if noise not in (None, "rows"):
+            raise CommuteError(f"adjoint='train' goes with noise='rows' or no noise channel, not {noise!r}.")
         if not callable(train_rows):
-            raise CommuteError("noise='rows' needs train_rows, a function training batch -> {domain: its "
-                               "rows of that domain} (commute.data.Batch.by_domain for commute's sampler).")
+            raise CommuteError(f"{what} needs train_rows, a function training batch -> {{domain: its rows of "
+                               "that domain}} (commute.data.Batch.by_domain for commute's sampler).")
         if train_batch_size is not None:
-            raise CommuteError("noise='rows' counts each batch's rows itself: leave train_batch_size unset.")
+            raise CommuteError(f"{what} counts each batch's rows itself: leave train_batch_size unset.")
         if self.train_loss_fn is not self.loss_fn:
-            raise CommuteError("noise='rows' differentiates the training rows with loss_fn: it needs the "
+            raise CommuteError(f"{what} differentiates the training rows with loss_fn: it needs the "
                                "training loss to be the same function (leave train_loss_fn unset).")
         return train_rows
 
@@ -770,12 +796,15 @@ class ResponseEstimator:
         used: dict[str, int],
         b: int,
         noise: tuple[str, int] | None,
+        rows_noise: bool,
         out: np.ndarray,
         out0: np.ndarray,
     ) -> list[tuple[Leaves, Leaves | None, Leaves | None]]:
-        """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t."""
+        """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t.
+        With the training rows in ``z`` (``adjoint="train"``) lambda_t goes through their Hessian, and with
+        ``rows_noise`` G(t) also gets the rows channel's noise term."""
         p0, m0, v0, g0 = (self._load(x) for x in z[:4])
-        own = z[4]  # the rows channel: the training batch's rows by domain index
+        own = z[4]  # adjoint="train" (the rows channel's): the training batch's rows by domain index
         step = self.state.step + t
         # U_t's pullback at the trajectory, with g an input (for GD/SGD U is linear: any g will do)
         p = tuple(x.detach().requires_grad_(True) for x in p0)
@@ -824,7 +853,7 @@ class ResponseEstimator:
             for k, d in enumerate(self.streams):
                 batch = self._next(d, iters[d], used)
                 loss = self._loss(self._eval, f"domain {d!r}", batch, q)
-                graph = need_h and w[k] != 0 and own is None  # rows channel: the realised Hessian below
+                graph = need_h and w[k] != 0 and own is None  # adjoint="train": the realised Hessian below
                 gs = self._grad(loss, q, create_graph=graph)
                 _accumulate(gk[k], gs, 1.0 / b)
                 if sq is not None:
@@ -844,15 +873,16 @@ class ResponseEstimator:
             for k in range(len(w)):
                 out[i, k] = _dot(vecs[i], gk[k])
                 out0[i, k] = _dot(a0[i], gk[k])
-        if own is not None:  # rows channel: G_k(t) += < a_g, (n_k / (B w_k)) (ghat_k^train - gbar_k) / 2 >
-            B = sum(_rows(x) for x in own.values())  # and lambda_t through the training rows' own Hessian
+        if own is not None:  # lambda_t through the training rows' own Hessian; with the rows channel also
+            # G_k(t) += < a_g, (n_k / (B w_k)) (ghat_k^train - gbar_k) / 2 >
+            B = sum(_rows(x) for x in own.values())
             for k, rows_k in own.items():
                 n_k = _rows(rows_k)
                 where = f"domain {list(self.streams)[k]!r}'s rows of the training batch of step {step}"
                 loss = self._loss(self._eval, where, rows_k, q)
                 gs = self._grad(loss, q, create_graph=need_h)
                 gt = [torch.zeros_like(x) if d is None else d.detach() for x, d in zip(q, gs, strict=True)]
-                if w[k] > 0:
+                if rows_noise and w[k] > 0:
                     c = 0.5 * n_k / (B * w[k])
                     for i in range(len(pulled)):
                         out[i, k] += c * (_dot(vecs[i], gt) - _dot(vecs[i], gk[k]))

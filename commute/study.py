@@ -551,7 +551,9 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     channel = _noise_channel(arm)
     order = tuple(domains)  # the sampler's domain indices
     noise = ({"noise": "rows", "train_rows": lambda batch: batch.by_domain(order)} if channel == "rows" else
-             {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else {})
+             {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else
+             {"adjoint": "train", "train_rows": lambda batch: batch.by_domain(order)} if rc.adjoint == "train"
+             else {})
     for r in range(rc.trajectories):
         ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
 
@@ -584,7 +586,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
         combined = {k: {p: over(k, p) for p in ("response", "alignment")} for k in names}
     out = {"step": t0, "target": "val", "n_groups": rc.n_groups, "batch_size": rc.batch_size,
            "trajectories": rc.trajectories,
-           "batches_per_step": rc.batches_per_step, "noise": channel or False, "n_hvp": n_hvp,
+           "batches_per_step": rc.batches_per_step, "noise": channel or False,
+           "adjoint": "train" if channel == "rows" or rc.adjoint == "train" else "fresh", "n_hvp": n_hvp,
            "seconds": seconds,
            "replay_rel_error": replay_error, "unit": combined}
     if len(per) > 1:
@@ -612,7 +615,8 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, li
     key = config_hash(["response", "target: val", rc.n_groups, rc.batch_size]
                       + ([rc.trajectories] if rc.trajectories != 1 else [])
                       + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else [])
-                      + (["noise: rows"] if channel == "rows" else []))
+                      + (["noise: rows"] if channel == "rows" else [])
+                      + (["adjoint: train"] if rc.adjoint == "train" and channel != "rows" else []))
     out = {}
     for t0 in arm.cfg.t0s:
         path = arm.cache / f"response_{t0:08d}_{key}.json"

@@ -62,6 +62,9 @@ class ResponseConfig:
     # the sampling-noise channel: "rows" (the whole channel from the training batches' own rows, any
     # optimiser, exact-count sampling), "variance" or true (Adam's v only, batches_per_step >= 2), false: none
     noise: bool | str = False
+    # how the adjoint is pulled back: "fresh" (the fresh batches' Hessians) or "train" (the training rows'
+    # own, the realised map's; the rows channel's always)
+    adjoint: str = "fresh"
 
 
 @dataclass
@@ -161,6 +164,11 @@ class StudyConfig:
         if noise == "rows" and self.sampler_mode != "exact":
             raise CommuteError("response.noise: rows needs sampler_mode: exact (the channel assumes fixed "
                                "rows per domain); use 'variance' with sampled batches.")
+        if self.response.adjoint not in ("fresh", "train"):
+            raise CommuteError(f"response.adjoint must be 'fresh' or 'train', got {self.response.adjoint!r}.")
+        if self.response.adjoint == "train" and noise in (True, "variance"):
+            raise CommuteError("response.adjoint: train goes with response.noise: rows or false, not with "
+                               "the variance channel.")
         if noise in (True, "variance") and self.response.batches_per_step < 2:
             raise CommuteError("response.noise needs response.batches_per_step >= 2 (the per-row gradient "
                                "variance comes from the spread of a step's fresh batches).")

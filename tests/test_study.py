@@ -639,6 +639,23 @@ def test_response_rows_noise_channel_in_the_study(tmp_path: Path) -> None:
     assert len(list(tmp_path.rglob("response_*.json"))) == 2  # both estimates kept, under their own keys
     assert "`response.noise: rows`" in r1.report_path.read_text()
     assert "response.noise" not in r0.report_path.read_text()
+    assert a["adjoint"] == "fresh" and b["adjoint"] == "train"
+    # response.adjoint: train (no noise term) reaches the estimator too, under a third key
+    train = StudyConfig.from_dict({**plain.to_dict(), "response": {**plain.to_dict()["response"],
+                                                                    "adjoint": "train"}})
+    r2 = run_bilingual_study(config=train, out_dir=tmp_path / "train", cache_dir=cache, progress=False)
+    (c,) = r2.data["arms"][0]["responses"]
+    assert c["noise"] is False and c["adjoint"] == "train"
+    for k in ("a", "b"):
+        assert c["unit"][k]["alignment"] == a["unit"][k]["alignment"]
+        assert c["unit"][k]["response"]["mean"] not in (a["unit"][k]["response"]["mean"],
+                                                        b["unit"][k]["response"]["mean"])
+    assert len(list(tmp_path.rglob("response_*.json"))) == 3
+    assert "`response.adjoint: train`" in r2.report_path.read_text()
+    for bad, match in (({"adjoint": "realised"}, "response.adjoint must be"),
+                       ({"adjoint": "train", "noise": "variance", "batches_per_step": 2}, "not with the")):
+        with pytest.raises(CommuteError, match=match):
+            StudyConfig.from_dict({**plain.to_dict(), "response": {**plain.to_dict()["response"], **bad}})
 
 
 def test_predictors_target_the_observed_validation_loss(tmp_path: Path,
