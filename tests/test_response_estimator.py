@@ -770,15 +770,10 @@ def test_rows_noise_channel_written_out() -> None:
                      adjoint="train")
 
 
-def test_rows_noise_channel_with_per_row_curvature() -> None:
-    """Per-row Hessians that vary: l(theta; a, y) = sum_j a_j (theta_j - y_j)^2 / 2 with a = abar_k (1 +
-    kappa z), y ~ N(0, sd_k^2), SGD from the optimum. E[theta^2] per coordinate evolves in closed form,
-    S' = S ((1 - lr Abar)^2 + lr^2 V) + lr^2 Q, Abar = sum_k w_k abar_k, V = sum_k (w_k / B) abar_k^2 kappa^2
-    (the Hessian noise), Q = sum_k (w_k / B) abar_k^2 (1 + kappa^2) sd_k^2, differentiated by autograd. The
-    rows channel must pull lambda back through the training rows' own Hessian: with the fresh Hessians it was
-    8 and 5 stderr off here (its mean then drops the lr^2 V terms); the fresh estimate alone has the wrong
-    sign. Measured: rows 0.8 and 1.1 stderr off over 800 replays, fresh 35 and 31."""
-    d, B, T, lr, kappa, R = 8, 4, 10, 0.25, 2.5, 300
+def _per_row_curvature(d: int, B: int, kappa: float):
+    """Two domains with per-row losses sum_j a_j (theta_j - y_j)^2 / 2, a = abar_k (1 + kappa z) (random
+    per-row curvature), y ~ N(0, sd_k^2), theta = 0 at the start: (abar, sd, model, loss_fn, rows(k, n, gen),
+    batch(gen) of B/2 + B/2 rows, by_domain). Batches are (domain index per row, a, Y)."""
     g = torch.Generator().manual_seed(0)
     abar = torch.rand(2, d, dtype=DT, generator=g) * 1.5 + 0.25
     sd = 0.1 * (torch.rand(2, d, dtype=DT, generator=g) + 0.5)
@@ -799,6 +794,20 @@ def test_rows_noise_channel_with_per_row_curvature() -> None:
 
     def by_domain(b):
         return {dn: tuple(x[b[0] == i] for x in b) for i, dn in enumerate("ab")}
+
+    return abar, sd, model, loss_fn, rows, batch, by_domain
+
+
+def test_rows_noise_channel_with_per_row_curvature() -> None:
+    """Per-row Hessians that vary: l(theta; a, y) = sum_j a_j (theta_j - y_j)^2 / 2 with a = abar_k (1 +
+    kappa z), y ~ N(0, sd_k^2), SGD from the optimum. E[theta^2] per coordinate evolves in closed form,
+    S' = S ((1 - lr Abar)^2 + lr^2 V) + lr^2 Q, Abar = sum_k w_k abar_k, V = sum_k (w_k / B) abar_k^2 kappa^2
+    (the Hessian noise), Q = sum_k (w_k / B) abar_k^2 (1 + kappa^2) sd_k^2, differentiated by autograd. The
+    rows channel must pull lambda back through the training rows' own Hessian: with the fresh Hessians it was
+    8 and 5 stderr off here (its mean then drops the lr^2 V terms); the fresh estimate alone has the wrong
+    sign. Measured: rows 0.8 and 1.1 stderr off over 800 replays, fresh 35 and 31."""
+    d, B, T, lr, kappa, R = 8, 4, 10, 0.25, 2.5, 300
+    abar, sd, model, loss_fn, rows, batch, by_domain = _per_row_curvature(d, B, kappa)
 
     eps = torch.zeros((), dtype=DT, requires_grad=True)
     S = torch.zeros(d, dtype=DT)
@@ -843,26 +852,7 @@ def test_train_adjoint_gives_the_mean_field_derivative_with_per_row_curvature() 
     of a few hundred sits a little low: with other streams and 1000 replays train was +0.9 and -0.7 stderr
     off, fresh -4.3 and -7.1."""
     d, B, T, lr, kappa, R = 8, 4, 10, 0.25, 2.5, 300
-    g = torch.Generator().manual_seed(0)
-    abar = torch.rand(2, d, dtype=DT, generator=g) * 1.5 + 0.25
-    sd = 0.1 * (torch.rand(2, d, dtype=DT, generator=g) + 0.5)
-    model = nn.Module()
-    model.theta = nn.Parameter(torch.zeros(d, dtype=DT))
-
-    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        _, a, Y = batch
-        return 0.5 * (a * (m.theta - Y) ** 2).sum(-1).mean()
-
-    def rows(k: int, n: int, gen: torch.Generator):
-        a = abar[k] * (1 + kappa * torch.randn(n, d, dtype=DT, generator=gen))
-        return torch.full((n,), k), a, sd[k] * torch.randn(n, d, dtype=DT, generator=gen)
-
-    def batch(gen: torch.Generator):
-        parts = [rows(k, B // 2, gen) for k in range(2)]
-        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
-
-    def by_domain(b):
-        return {dn: tuple(x[b[0] == i] for x in b) for i, dn in enumerate("ab")}
+    abar, sd, model, loss_fn, rows, batch, by_domain = _per_row_curvature(d, B, kappa)
 
     eps = torch.zeros((), dtype=DT, requires_grad=True)
     w0 = torch.full((2, 1), 0.5, dtype=DT)
