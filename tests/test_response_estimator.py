@@ -682,16 +682,16 @@ def test_rows_noise_channel_is_half_the_training_rows_term() -> None:
     assert "adjoint" not in mean_field.meta
 
 
-def _fresh_and_rows_over_replays(est: ResponseEstimator, window, by_domain, target, T: int, R: int
-                                 ) -> dict[str, dict[str, list[float]]]:
-    """{"fresh" | "rows": {domain: the eq. (9) swap's response per unit dw, one per replay}}: R replays of
-    a balanced two-domain window of 2T steps (``window()`` draws its training batches), each estimated
-    without and with the rows channel on the same batches."""
+def _over_replays(est: ResponseEstimator, window, modes: dict[str, dict], target, T: int, R: int
+                  ) -> dict[str, dict[str, list[float]]]:
+    """{mode: {domain: the eq. (9) swap's response per unit dw, one per replay}}: R replays of a balanced
+    two-domain window of 2T steps (``window()`` draws its training batches), each estimated on the same
+    batches once per mode (``modes``: name -> extra arguments of ``estimate``, in order)."""
     unit = {"a": [1.0] * T + [-1.0] * T, "b": [-1.0] * T + [1.0] * T}
-    got: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": []} for m in ("fresh", "rows")}
+    got: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": []} for m in modes}
     for _ in range(R):
         batches = window()
-        for m, extra in (("fresh", {}), ("rows", {"noise": "rows", "train_rows": by_domain})):
+        for m, extra in modes.items():
             rep = est.estimate(batches, [{"a": 0.5, "b": 0.5}] * (2 * T), ["a", "b"], n_groups=2,
                                target_data=target, **extra)
             for dn in "ab":
@@ -770,10 +770,12 @@ def test_rows_noise_channel_written_out() -> None:
                      adjoint="train")
 
 
-def _per_row_curvature(d: int, B: int, kappa: float):
+def _per_row_curvature(d: int, B: int, kappa: float, lr: float):
     """Two domains with per-row losses sum_j a_j (theta_j - y_j)^2 / 2, a = abar_k (1 + kappa z) (random
-    per-row curvature), y ~ N(0, sd_k^2), theta = 0 at the start: (abar, sd, model, loss_fn, rows(k, n, gen),
-    batch(gen) of B/2 + B/2 rows, by_domain). Batches are (domain index per row, a, Y)."""
+    per-row curvature), y ~ N(0, sd_k^2), theta = 0 at the start: (abar, sd, batch(gen) of B/2 + B/2 rows,
+    by_domain, an SGD ``ResponseEstimator`` at ``lr`` on fresh batches of 32 rows per domain, the targets
+    L_k exactly, and the generator ``gen`` the fresh batches are drawn from). Batches are (domain index per
+    row, a, Y)."""
     g = torch.Generator().manual_seed(0)
     abar = torch.rand(2, d, dtype=DT, generator=g) * 1.5 + 0.25
     sd = 0.1 * (torch.rand(2, d, dtype=DT, generator=g) + 0.5)
@@ -795,7 +797,16 @@ def _per_row_curvature(d: int, B: int, kappa: float):
     def by_domain(b):
         return {dn: tuple(x[b[0] == i] for x in b) for i, dn in enumerate("ab")}
 
-    return abar, sd, model, loss_fn, rows, batch, by_domain
+    gen = torch.Generator().manual_seed(5)
+
+    def stream(k: int):
+        while True:
+            yield rows(k, 32, gen)
+
+    est = ResponseEstimator(model, loss_fn, {"a": stream(0), "b": stream(1)}, lr=lr, optimizer="sgd")
+    target = {dn: [(torch.full((1,), k), abar[k][None], torch.zeros(1, d, dtype=DT))]  # L_k exactly
+              for k, dn in enumerate("ab")}
+    return abar, sd, batch, by_domain, est, target, gen
 
 
 def test_rows_noise_channel_with_per_row_curvature() -> None:
@@ -807,7 +818,7 @@ def test_rows_noise_channel_with_per_row_curvature() -> None:
     8 and 5 stderr off here (its mean then drops the lr^2 V terms); the fresh estimate alone has the wrong
     sign. Measured: rows 0.8 and 1.1 stderr off over 800 replays, fresh 35 and 31."""
     d, B, T, lr, kappa, R = 8, 4, 10, 0.25, 2.5, 300
-    abar, sd, model, loss_fn, rows, batch, by_domain = _per_row_curvature(d, B, kappa)
+    abar, sd, batch, by_domain, est, target, gen = _per_row_curvature(d, B, kappa, lr)
 
     eps = torch.zeros((), dtype=DT, requires_grad=True)
     S = torch.zeros(d, dtype=DT)
@@ -820,17 +831,8 @@ def test_rows_noise_channel_with_per_row_curvature() -> None:
     truth = {dn: float(torch.autograd.grad(0.5 * (abar[k] * S).sum(), eps, retain_graph=True)[0])
              for k, dn in enumerate("ab")}
 
-    gen = torch.Generator().manual_seed(5)
-
-    def stream(k: int):
-        while True:
-            yield rows(k, 32, gen)
-
-    est = ResponseEstimator(model, loss_fn, {"a": stream(0), "b": stream(1)}, lr=lr, optimizer="sgd")
-    target = {dn: [(torch.full((1,), k), abar[k][None], torch.zeros(1, d, dtype=DT))]  # L_k exactly
-              for k, dn in enumerate("ab")}
-    got = _fresh_and_rows_over_replays(est, lambda: [batch(gen) for _ in range(2 * T)], by_domain, target, T,
-                                       R)
+    got = _over_replays(est, lambda: [batch(gen) for _ in range(2 * T)],
+                        {"fresh": {}, "rows": {"noise": "rows", "train_rows": by_domain}}, target, T, R)
     for dn in "ab":
         off = {}
         for m in got:
@@ -852,7 +854,7 @@ def test_train_adjoint_gives_the_mean_field_derivative_with_per_row_curvature() 
     of a few hundred sits a little low: with other streams and 1000 replays train was +0.9 and -0.7 stderr
     off, fresh -4.3 and -7.1."""
     d, B, T, lr, kappa, R = 8, 4, 10, 0.25, 2.5, 300
-    abar, sd, model, loss_fn, rows, batch, by_domain = _per_row_curvature(d, B, kappa)
+    abar, sd, batch, by_domain, est, target, gen = _per_row_curvature(d, B, kappa, lr)
 
     eps = torch.zeros((), dtype=DT, requires_grad=True)
     w0 = torch.full((2, 1), 0.5, dtype=DT)
@@ -866,24 +868,8 @@ def test_train_adjoint_gives_the_mean_field_derivative_with_per_row_curvature() 
     truth = {dn: float(torch.autograd.grad(0.5 * (abar[k] * S).sum(), eps, retain_graph=True)[0])
              for k, dn in enumerate("ab")}
 
-    gen = torch.Generator().manual_seed(5)
-
-    def stream(k: int):
-        while True:
-            yield rows(k, 32, gen)
-
-    est = ResponseEstimator(model, loss_fn, {"a": stream(0), "b": stream(1)}, lr=lr, optimizer="sgd")
-    target = {dn: [(torch.full((1,), k), abar[k][None], torch.zeros(1, d, dtype=DT))]
-              for k, dn in enumerate("ab")}
-    unit = {"a": [1.0] * T + [-1.0] * T, "b": [-1.0] * T + [1.0] * T}
-    got: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": []} for m in ("fresh", "train")}
-    for _ in range(R):
-        batches = [batch(gen) for _ in range(2 * T)]
-        for m, extra in (("fresh", {}), ("train", {"adjoint": "train", "train_rows": by_domain})):
-            rep = est.estimate(batches, [{"a": 0.5, "b": 0.5}] * (2 * T), ["a", "b"], n_groups=2,
-                               target_data=target, **extra)
-            for dn in "ab":
-                got[m][dn].append(rep.predict(dn, unit).mean)
+    got = _over_replays(est, lambda: [batch(gen) for _ in range(2 * T)],
+                        {"fresh": {}, "train": {"adjoint": "train", "train_rows": by_domain}}, target, T, R)
     off = {m: {dn: (np.mean(x) - truth[dn]) / (np.std(x, ddof=1) / math.sqrt(R)) for dn, x in v.items()}
            for m, v in got.items()}
     for dn in "ab":
@@ -924,8 +910,9 @@ def test_rows_noise_channel_gives_the_derivative_of_the_expected_loss(name: str)
     est = ResponseEstimator(prob.model, prob.loss_fn, {"a": stream(0), "b": stream(1)}, lr=lr, optimizer=name,
                             state=named, **kw)
     exact_target = {dn: [(torch.full((1,), k), prob.mu[None])] for k, dn in enumerate("ab")}
-    got = _fresh_and_rows_over_replays(est, lambda: [prob.batch((B // 2, B // 2), gen) for _ in range(2 * T)],
-                                       prob.by_domain, exact_target, T, R)
+    got = _over_replays(est, lambda: [prob.batch((B // 2, B // 2), gen) for _ in range(2 * T)],
+                        {"fresh": {}, "rows": {"noise": "rows", "train_rows": prob.by_domain}}, exact_target,
+                        T, R)
     off = {m: {} for m in got}  # |mean - truth| in combined stderr
     for m, dn in itertools.product(got, "ab"):
         x = np.array(got[m][dn])
