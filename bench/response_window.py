@@ -100,11 +100,11 @@ def main() -> None:
             tb = [b for s in [sampler()] for b in (s.next_batch(base) for _ in range(n))]
             streams = {k: _rows_backwards(tb, i, G) for i, k in enumerate(names)}
         train = sampler()
+        rows = {"train_rows": lambda b: b.by_domain(names)}
         noise = ({"noise": tc.sampler_mode, "train_batch_size": tc.batch_size, "batches_per_step": 2}
                  if a.noise == "variance" else
-                 {"noise": "rows", "train_rows": lambda b: b.by_domain(names)} if a.noise == "rows" else
-                 {"adjoint": "train", "train_rows": lambda b: b.by_domain(names)} if a.adjoint == "train"
-                 else {})
+                 {"noise": "rows", **rows} if a.noise == "rows" else
+                 {"adjoint": "train", **rows} if a.adjoint == "train" else {})
         est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
                                 state=ck.optimizer_state, state_names=param_group_names(ck.model))
         t = time.perf_counter()

@@ -548,12 +548,12 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     unit = _unit_delta(cfg)
     per: list[dict[str, dict[str, dict[str, Any]]]] = []
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
-    channel = _noise_channel(arm)
+    channel, adjoint = _noise_channel(arm), _adjoint(arm)
     order = tuple(domains)  # the sampler's domain indices
-    noise = ({"noise": "rows", "train_rows": lambda batch: batch.by_domain(order)} if channel == "rows" else
+    rows = {"train_rows": lambda batch: batch.by_domain(order)}
+    noise = ({"noise": "rows", **rows} if channel == "rows" else
              {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else
-             {"adjoint": "train", "train_rows": lambda batch: batch.by_domain(order)} if rc.adjoint == "train"
-             else {})
+             {"adjoint": "train", **rows} if adjoint == "train" else {})
     for r in range(rc.trajectories):
         ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
 
@@ -587,7 +587,7 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     out = {"step": t0, "target": "val", "n_groups": rc.n_groups, "batch_size": rc.batch_size,
            "trajectories": rc.trajectories,
            "batches_per_step": rc.batches_per_step, "noise": channel or False,
-           "adjoint": "train" if channel == "rows" or rc.adjoint == "train" else "fresh", "n_hvp": n_hvp,
+           "adjoint": adjoint, "n_hvp": n_hvp,
            "seconds": seconds,
            "replay_rel_error": replay_error, "unit": combined}
     if len(per) > 1:
@@ -602,6 +602,12 @@ def _noise_channel(arm: Arm) -> str | None:
     if noise == "rows":
         return "rows"
     return "variance" if noise in (True, "variance") and arm.optimizer in ("adam", "adamw") else None
+
+
+def _adjoint(arm: Arm) -> str:
+    """How the arm's response pulls its adjoint back: ``"train"`` (the training rows' own Hessians: the rows
+    channel's, or ``response.adjoint: train``) or ``"fresh"``."""
+    return "train" if _noise_channel(arm) == "rows" or arm.cfg.response.adjoint == "train" else "fresh"
 
 
 def estimate_response(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
