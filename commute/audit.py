@@ -575,13 +575,19 @@ def _skip_reason(state_a: dict[str, Any], state_b: dict[str, Any]) -> str | None
 
 def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups: int, batch_size: int,
                      target_batches: int | None, seed: int, device: torch.device, progress: bool,
-                     world: World = SINGLE) -> tuple[Any, dict[str, Any]]:
+                     world: World = SINGLE, adjoint: str = "fresh", noise: str | None = None
+                     ) -> tuple[Any, dict[str, Any]]:
     """:class:`commute.response.ResponseEstimator` over [step_a, step_b), replayed from ``ck_a`` on the run's
     own batches; also replays the window once more to measure how well it reproduces ``ck_b`` (several
     processes: the groups are split over the ranks; every rank replays). Targets: the run's validation
     batches (``eval_batches`` of ``batch_size``, the set its evaluation uses), or with ``target_batches``
-    that many fresh training-split draws per group."""
-    from commute.data import MixtureSampler
+    that many fresh training-split draws per group.
+
+    With ``adjoint="train"`` or ``noise="rows"`` the estimator differentiates each domain's rows of a step
+    (:meth:`commute.data.Batch.by_domain`): a step's micro-batches are replayed as one batch of their rows,
+    which is the step the run took when its loss is the batch mean (``loss_weighting: sample``) and every
+    micro-batch has ``batch_size`` rows."""
+    from commute.data import Batch, MixtureSampler
     from commute.model import lm_loss
     from commute.response_estimator import ResponseEstimator
     from commute.train import load_checkpoint, lr_at, param_group_names
@@ -593,10 +599,14 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     s, e = ck.step, end.step
     saved = ck.state["sampler"]
 
+    rows = adjoint == "train" or noise == "rows"  # audit_run checked loss_weighting: sample
+
     def batches() -> Any:
         sampler = MixtureSampler({n: domains[n] for n in names}, cfg.batch_size, cfg.seq_len,
                                  int(saved["seed"]), cfg.sampler_mode)
         sampler.load_state_dict(saved)
+        if rows:  # one batch of the step's rows: the mean over equal micro-batches' means is their mean
+            return lambda t: Batch.concat([sampler.next_batch(sched(t)) for _ in range(cfg.grad_accum)])
         return lambda t: {"micro": [sampler.next_batch(sched(t)) for _ in range(cfg.grad_accum)],
                           "w": sched(t)}
 
@@ -604,7 +614,7 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     assert ck.model is not None and end.model is not None
     est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda t: lr_at(cfg, t),
                             state=ck.optimizer_state, state_names=param_group_names(ck.model),
-                            train_loss_fn=_train_loss_fn(cfg.loss_weighting, names))
+                            train_loss_fn=None if rows else _train_loss_fn(cfg.loss_weighting, names))
     t0 = time.perf_counter()
     rp = est.replay(batches(), e - s, start=s, progress=progress and world.main)
     replay = {"rel_error": rp.rel_error(end.model), "seconds": time.perf_counter() - t0,
@@ -612,7 +622,9 @@ def _response_window(ck_a: Path, ck_b: Path, domains: dict[str, Any], *, groups:
     held = None if target_batches is not None else _run_val_batches(cfg, domains, names)
     rep = est.estimate(batches(), sched, targets=list(names), steps=e - s, start=s, n_groups=groups,
                        batches_per_step=1, target_batches=target_batches, target_data=held,
-                       progress=progress, distributed=world.enabled)
+                       progress=progress, distributed=world.enabled,
+                       **({"noise": noise} if noise else {}),
+                       **({"adjoint": adjoint, "train_rows": lambda b: b.by_domain(names)} if rows else {}))
     return rep, replay
 
 
@@ -672,6 +684,7 @@ def _window_dict(rep: Any, replay: dict[str, Any], end: int, mix_name: str, mix:
         "n_groups": rep.n_groups, "batch_size": rep.meta.get("batch_size"),
         "target_batches": rep.target_batches, "target_data": rep.meta.get("target_data"),
         "n_hvp": rep.n_hvp, "seconds": rep.seconds, "optimizer": rep.optimizer,
+        "adjoint": rep.meta.get("adjoint", "fresh"), "noise": rep.meta.get("noise"),
     }
 
 
@@ -768,6 +781,8 @@ def audit_run(
     response_groups: int = 2,
     response_batch_size: int | None = None,
     response_target_batches: int | None = None,
+    response_adjoint: str | None = None,
+    response_noise: str | None = None,
     response_bins: int = 20,
     bracket_train_target: bool = False,
     device: str = "cpu",
@@ -803,7 +818,10 @@ def audit_run(
        on unless it was given its own ``val_batches``; a held-out loss
        responds to the schedule differently from the training loss, docs/design.md §1b), or, with
        ``response_target_batches`` = n, on n fresh training-split batches per domain and group. The
-       replay is checked against the window's last checkpoint.
+       replay is checked against the window's last checkpoint. ``response_adjoint="train"`` pulls the
+       adjoint back through the training rows' own Hessians (the mean-field derivative of the realised
+       map, ``ResponseEstimator.estimate(adjoint="train")``); ``response_noise="rows"`` adds the rows
+       channel's noise term (and implies ``"train"``). Both need a run with ``loss_weighting: sample``.
     4. **Recommendations** (:func:`recommendations`).
 
     ``distributed=True`` under torchrun (every rank calls this with the same arguments): both estimators
@@ -844,6 +862,15 @@ def audit_run(
             response_target_batches, int) or response_target_batches < 1):
         raise CommuteError("response_target_batches must be a whole number >= 1 (or None: the run's "
                            f"validation batches), got {response_target_batches!r}.")
+    if response_adjoint not in (None, "fresh", "train"):
+        raise CommuteError(f"response_adjoint must be 'fresh' or 'train', got {response_adjoint!r}.")
+    if response_noise not in (None, "rows"):
+        raise CommuteError(f"response_noise must be 'rows' or None (no noise channel), got "
+                           f"{response_noise!r}.")
+    if response_noise == "rows" and response_adjoint == "fresh":
+        raise CommuteError("the rows noise channel pulls the adjoint back through the training rows' own "
+                           "Hessians: leave response_adjoint unset (or 'train').")
+    adjoint = "train" if response_noise == "rows" else response_adjoint or "fresh"
     if grad_batches < 2 * groups or hvp_batches < groups:
         raise CommuteError(f"with {groups} groups, need grad_batches >= {2 * groups} and hvp_batches >= "
                            f"{groups} (got {grad_batches} and {hvp_batches}); lower groups or add batches.")
@@ -894,10 +921,18 @@ def audit_run(
     bpaths = [cache / f"bracket_{step:08d}_{key}.json" for step, key in zip(steps, bkeys, strict=True)]
     plan: list[tuple[int, int, str | None, Path | None, int]] = []  # (a, b, skip reason, cache file, batch)
     for a, b in chosen:
+        weighting = states[b]["config"].get("loss_weighting", "sample")
+        if adjoint == "train" and weighting != "sample":
+            what = "rows noise channel" if response_noise else "adjoint: train"
+            raise CommuteError(f"the response's {what} differentiates each domain's rows of a step, which "
+                               "is the run's step only when its loss is the batch mean (loss_weighting: "
+                               f"sample); this run has {weighting!r}.")
         reason = _skip_reason(states[a], states[b])
         rbs = int(response_batch_size or max(1, int(states[b]["config"]["batch_size"]) // len(names)))
         rsettings = {"groups": response_groups, "batch_size": rbs, "seed": seed, "dtype_device": dev.type,
-                     "target": "val" if response_target_batches is None else response_target_batches}
+                     "target": "val" if response_target_batches is None else response_target_batches,
+                     **({"adjoint": adjoint} if adjoint != "fresh" else {}),
+                     **({"noise": response_noise} if response_noise else {})}  # the defaults: keys as before
         key = _hash({"kind": "response", "files": [states[a].get("files"), states[b].get("files")],
                      **rsettings})
         cpath = cache / f"response_{steps[a]:08d}_{steps[b]:08d}_{key}.json"
@@ -965,6 +1000,7 @@ def audit_run(
                                        cache_dir=cfg.get("cache_dir"), val_fraction=cfg["val_fraction"])
             rep, replay = _response_window(paths[a], paths[b], domains, groups=response_groups,
                                            batch_size=rbs, target_batches=response_target_batches, seed=seed,
+                                           adjoint=adjoint, noise=response_noise,
                                            device=dev, progress=progress, world=world)
             rep.meta["batch_size"] = rbs
             on_main(world, "audit", partial(write_json, cpath, _clean({"report": rep.to_dict(),
@@ -994,6 +1030,7 @@ def audit_run(
                      "response_windows": response_windows, "response_groups": response_groups,
                      "response_batch_size": response_batch_size,
                      "response_target_batches": response_target_batches, "response_bins": response_bins,
+                     "response_adjoint": adjoint, "response_noise": response_noise,
                      "bracket_target": btarget,
                      "device": str(dev), "seed": seed},
         "meaning": MEANINGS,
@@ -1096,6 +1133,16 @@ def audit_tables(data: dict[str, Any], max_recommendations: int = 8) -> list[Any
         rt.add_row(str(n), r["text"])
     out.append(rt)
     return out
+
+
+def _adjoint_words(w: dict[str, Any]) -> str:
+    """The report's clause on how a window's adjoint was pulled back (nothing for the default)."""
+    if w.get("noise") == "rows":
+        return (" The adjoint goes through the training rows' own Hessians and G has the rows channel's "
+                "noise term (`--response-noise rows`).")
+    if w.get("adjoint") == "train":
+        return " The adjoint goes through the training rows' own Hessians (`--response-adjoint train`)."
+    return ""
 
 
 def _rec_md(recs: list[dict[str, Any]], kind: str, title: str, limit: int = 12) -> list[str]:
@@ -1229,7 +1276,7 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
             md += [f"**[{w['start']}, {w['end']})** ({w['n_steps']} steps, {w['optimizer']}, "
                    f"{w['n_groups']} groups, {w['batch_size']} sequences per domain per step, "
                    f"{w['seconds']:.0f} s): the replay reproduces the checkpoint at step {w['end']} to a "
-                   f"relative error of {w['replay']['rel_error']:.1e}. "
+                   f"relative error of {w['replay']['rel_error']:.1e}.{_adjoint_words(w)} "
                    f"Σ_t G_k(t) per target (rows) and domain (columns), then the best shift:", ""]
             rows = []
             for t in w["targets"]:

@@ -875,6 +875,13 @@ class Batch:
         """Rows per domain index."""
         return torch.bincount(self.domain, minlength=n_domains or 0).tolist()
 
+    @classmethod
+    def concat(cls, parts: Sequence[Batch]) -> Batch:
+        """One batch of the rows of ``parts`` in order (e.g. a step's gradient-accumulation micro-batches),
+        with the first part's step and weights."""
+        return cls(torch.cat([b.input_ids for b in parts]), torch.cat([b.domain for b in parts]),
+                   parts[0].step, dict(parts[0].weights))
+
     def by_domain(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """{name: that domain's rows of ``input_ids``} for the domains with rows; ``names`` in the order of
         ``MixtureSampler.domain_names`` (the response estimator's ``train_rows``)."""

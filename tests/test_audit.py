@@ -294,6 +294,60 @@ def test_cli_json_schema_and_a_cached_rerun_does_no_estimation(run, tmp_path, ca
     assert "cached" in err
 
 
+@pytest.mark.parametrize("how", [dict(response_adjoint="train"), dict(response_noise="rows")])
+def test_training_rows_adjoint_replays_a_step_as_one_batch_of_its_rows(how, audited, run, tmp_path) -> None:
+    """``response_adjoint="train"`` and ``response_noise="rows"`` replay a step's two micro-batches as one
+    batch of their rows (the run's step for a batch-mean loss: the replay still reproduces the checkpoint at
+    the window's end) and are the estimator wired by hand with ``adjoint="train"`` / ``noise="rows"`` and
+    ``Batch.by_domain``; the default's numbers (the ``audited`` fixture) are not theirs."""
+    from commute.audit import audit_run
+    from commute.data import Batch, MixtureSampler, load_domains
+    from commute.model import lm_loss
+    from commute.response import ResponseEstimator
+    from commute.schedule import Schedule
+    from commute.train import load_checkpoint, lr_at, param_group_names
+
+    res = _one_thread(audit_run, run, tmp_path / "out", checkpoints=[8, 12], **SETTINGS, **RESPONSE, **how)
+    (win,) = res.windows
+    assert (win["start"], win["end"]) == (8, 12) and win["replay"]["rel_error"] < 1e-5, win["replay"]
+    assert win["adjoint"] == "train" and win["noise"] == how.get("response_noise")
+    settings = res.to_dict()["settings"]
+    assert (settings["response_adjoint"], settings["response_noise"]) == ("train", how.get("response_noise"))
+    ck = load_checkpoint(run / "checkpoints" / "step_00000008", with_optimizer=True)
+    cfg, sched, names = ck.config, Schedule.from_dict(SCHEDULE), ["a", "b", "c"]
+    doms = load_domains(cfg.domains, tokenizer=cfg.tokenizer, cache_dir=cfg.cache_dir,
+                        val_fraction=cfg.val_fraction)
+    sampler = MixtureSampler(doms, 4, 32, cfg.seed, cfg.sampler_mode)
+    sampler.load_state_dict(ck.state["sampler"])
+    est = ResponseEstimator(ck.model, lm_loss, {n: doms[n].batches(2, 32, seed=3 + 2) for n in names},
+                            lr=lambda s: lr_at(cfg, s), state=ck.optimizer_state,
+                            state_names=param_group_names(ck.model))
+    rep = _one_thread(est.estimate, lambda s: Batch.concat([sampler.next_batch(sched(s)) for _ in range(2)]),
+                      sched, names, steps=4, start=8, n_groups=2, target_batches=2,
+                      train_rows=lambda b: b.by_domain(names),
+                      **({"noise": "rows"} if "response_noise" in how else {"adjoint": "train"}))
+    default = next(w for w in audited.windows if w["start"] == 8)
+    for t, tw in win["targets"].items():
+        G = rep.G(tw)
+        for k in names:
+            np.testing.assert_allclose(win["G"][t][k], G[k], rtol=1e-6, atol=1e-12)
+        assert not np.allclose(win["G"][t]["a"], default["G"][t]["a"], rtol=1e-3, atol=0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "the training rows' own Hessians" in md and ("rows channel's noise term" in md) == (
+        "response_noise" in how)
+
+
+def test_training_rows_adjoint_needs_a_batch_mean_loss(corpora, tmp_path) -> None:
+    """A domain-weighted run's step is not the mean of its rows' losses: one sentence, before any estimate."""
+    from commute.audit import audit_run
+    from commute.errors import CommuteError
+
+    run = _train(tmp_path, corpora, loss_weighting="domain", steps=8, grad_accum=1)
+    with pytest.raises(CommuteError, match="loss_weighting: sample"):
+        audit_run(run, tmp_path / "out", response_adjoint="train", **SETTINGS)
+    assert not (tmp_path / "out" / "cache").exists()
+
+
 def test_skipped_window_and_no_response(corpora, tmp_path) -> None:
     """A run with gradient clipping cannot be replayed: the window says so; --no-response estimates none."""
     from commute.audit import audit_run
@@ -324,6 +378,9 @@ def test_bad_input_is_one_sentence_with_exit_2(run, tmp_path, capsys) -> None:
         ([str(run), "--checkpoints", "x,y"], "--checkpoints"),
         ([str(run), "--groups", "1"], "groups"),
         ([str(run), "--response-windows", "many"], "--response-windows"),
+        ([str(run), "--response-adjoint", "sideways"], "response_adjoint"),
+        ([str(run), "--response-noise", "variance"], "response_noise"),
+        ([str(run), "--response-noise", "rows", "--response-adjoint", "fresh"], "rows noise channel"),
         ([str(broken), "--checkpoints", "12", "--no-response"], "corrupt"),
         ([str(run), "--device", "cuda:7"] if not torch.cuda.is_available() else
          [str(run), "--device", "nonsense"], "device"),

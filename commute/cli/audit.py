@@ -64,6 +64,13 @@ def audit_cmd(
         None, "--response-target-batches", help="Measure the schedule gradient's targets on N fresh "
                                                 "training-split batches per domain and group instead of the "
                                                 "run's validation batches."),
+    response_adjoint: str | None = typer.Option(
+        None, "--response-adjoint", help="fresh (default) or train: pull the adjoint back through the "
+                                         "training rows' own Hessians (the realised map's; needs "
+                                         "loss_weighting: sample)."),
+    response_noise: str | None = typer.Option(
+        None, "--response-noise", help="rows: add the training rows' gradient-noise term to G (implies "
+                                       "--response-adjoint train)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
     seed: int = typer.Option(0, "--seed", help="Seeds the estimators' batch streams."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write audit.json's content here."),
@@ -86,6 +93,7 @@ def audit_cmd(
                     hvp_batches=hvp_batches, groups=groups, batch_size=batch_size, response=response,
                     response_windows=_windows(response_windows), response_groups=response_groups,
                     response_batch_size=response_batch_size, response_target_batches=response_target_batches,
+                    response_adjoint=response_adjoint, response_noise=response_noise,
                     bracket_train_target=bracket_train_target, device=device, seed=seed, progress=progress,
                     distributed=distributed.env_world().enabled)
 
