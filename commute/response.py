@@ -41,6 +41,7 @@ schedule changes and eq. 9/10 interventions with their stderr. :func:`optimizer_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,6 +63,8 @@ __all__ = [
     "predicted_change",
     "intervention_delta",
     "antisymmetric_excess",
+    "cubic_nodes",
+    "antisymmetric_excess_cubic",
     "optimizer_settings",
 ]
 
@@ -555,6 +558,32 @@ def antisymmetric_excess(G: Mapping[str, Tensor], intervention: Intervention, st
     """
     steps = len(next(iter(G.values())))
     return predicted_change(G, intervention_delta(intervention, steps, start))
+
+
+def cubic_nodes(intervention: Intervention) -> tuple[Intervention, Intervention]:
+    """The two schedules at which :func:`antisymmetric_excess_cubic` needs G: the same intervention with
+    Delta w / sqrt(3), and its mirror (base +- (Delta w / sqrt(3)) dw(t) / Delta w, the two-point
+    Gauss-Legendre nodes of the integral over [-Delta w, Delta w])."""
+    iv = intervention
+    node = Intervention(iv.base, iv.first, iv.second, iv.delta_w / math.sqrt(3.0), iv.t0, iv.T)
+    return node, node.reversed()
+
+
+def antisymmetric_excess_cubic(G_plus: Mapping[str, Tensor], G_minus: Mapping[str, Tensor],
+                               intervention: Intervention, start: int = 0) -> float:
+    """(EL^12 - EL^21) / 2 through the Delta w^3 term, from G at the two :func:`cubic_nodes` schedules.
+
+    With L(eps) the loss after base + eps u(t) (u = dw^{12} / Delta w), f = (EL^12 - EL^21)/2 = 1/2
+    int_{-Delta w}^{Delta w} L'(eps) d eps, and the two-point Gauss rule at eps = +-Delta w/sqrt(3) is exact
+    for L' cubic::
+
+        f = 1/2 sum_t dw^{12}(t) . [G(t; +Delta w/sqrt 3) + G(t; -Delta w/sqrt 3)] + O(Delta w^5)
+
+    where the first-order :func:`antisymmetric_excess` is off by O(Delta w^3) (its Delta w^3 term). Costs
+    two schedule gradients, along the node schedules' own trajectories.
+    """
+    return 0.5 * (antisymmetric_excess(G_plus, intervention, start)
+                  + antisymmetric_excess(G_minus, intervention, start))
 
 
 
