@@ -65,6 +65,10 @@ def main() -> None:
                     help="add a sampling-noise channel: 'variance' (Adam's v only, 2 fresh batches per "
                          "step; the default of a bare --noise) or 'rows' (the whole channel, from the "
                          "training batch's own rows); response.noise in a study config")
+    ap.add_argument("--at", type=float, default=0.0,
+                    help="replay the branch at schedule base + AT·δw(t) (the θ12 branch of Δw = AT; "
+                         "negative: θ21) and estimate there; the two-point Gauss rule ½[at +Δw/√3, −Δw/√3] "
+                         "is (EL^12 − EL^21)/(2Δw) up to O(Δw⁴)")
     ap.add_argument("--out", default="reports/response_window", help="base run cache")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None)
@@ -85,8 +89,12 @@ def main() -> None:
     cfg, domains, val, arm = window_arm(a.preset, a.optimizer, a.variant, a.t0, a.out, a.device, a.cache_dir)
     rc, tc, names, n = cfg.response, arm.tc, list(cfg.domain_names), 2 * cfg.T
     base, unit, G = dict(arm.variant.base), S._unit_delta(cfg), a.groups
+    sched = [{k: base.get(k, 0.0) + a.at * unit[k][t] if k in unit else base.get(k, 0.0) for k in base}
+             for t in range(n)]
+    if any(not 0.0 <= w <= 1.0 for ws in sched for w in ws.values()):
+        ap.error(f"--at {a.at} takes a weight outside [0, 1].")
     print(f"{a.preset} {arm.label} t0={a.t0} T={cfg.T}: response per unit Δw, {a.batches} batches, "
-          f"{G} groups")
+          f"{G} groups" + (f", at base {a.at:+g}·δw(t)" if a.at else ""))
     per_path: dict[str, list[float]] = {k: [] for k in names}
     for r in (int(x) for x in a.trajectories.split(",")):
         ck = load_checkpoint(arm.checkpoint(a.t0), device=a.device, with_optimizer=True)
@@ -97,7 +105,7 @@ def main() -> None:
         seed = cfg.seed * 1_000_003 + a.t0 + 13 + 7919 * r  # the study's fresh streams
         streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
         if a.batches == "train":  # the estimator walks back step by step, group after group
-            tb = [b for s in [sampler()] for b in (s.next_batch(base) for _ in range(n))]
+            tb = [b for s in [sampler()] for b in (s.next_batch(sched[t]) for t in range(n))]
             streams = {k: _rows_backwards(tb, i, G) for i, k in enumerate(names)}
         train = sampler()
         rows = {"train_rows": lambda b: b.by_domain(names)}
@@ -109,9 +117,9 @@ def main() -> None:
                                 state=ck.optimizer_state, state_names=param_group_names(ck.model))
         t = time.perf_counter()
         with math_attention():
-            rep = est.estimate(lambda _, s=train: s.next_batch(base), [base] * n, targets=names, steps=n,
-                               start=a.t0, n_groups=G, target_data={k: val[k] for k in names}, progress=True,
-                               **noise)
+            rep = est.estimate(lambda step, s=train: s.next_batch(sched[step - a.t0]), sched, targets=names,
+                               steps=n, start=a.t0, n_groups=G, target_data={k: val[k] for k in names},
+                               progress=True, **noise)
         delta = rep._delta(unit)
         for k in names:
             c = np.einsum("gkt,kt->gt", rep.samples(k), delta)  # per group, per step
