@@ -9,7 +9,8 @@ re-training. Layout of ``data``::
                "base_curve": [{"step", "L": {d: loss}}],
                "checkpoints": [{"step", "L", "P": {target: {"mean", "stderr", "n"}}, "gamma", "lambda_max",
                                 "target": "val" (g_L on the validation batches; absent in older results)}],
-               "responses": [{"step", "target": "val", "unit": {d: {"response", "alignment"}}, ...}],
+               "responses": [{"step", "target": "val", "unit": {d: {"response", "alignment"}}, ...}
+                             (with response.cubic "by_delta_w": {Δw: {d: {...}}} instead of "unit")],
                "cells": [{"t0", "delta_w", "T", "L_t0", "L_base", "L12", "L21", "tokens", "tokens_match",
                           "locality", "per_domain": {d: {"EL12", "EL21", "antisym", "pred",
                                                          "pred_stderr", "z", "agree"}}}]}],
@@ -33,6 +34,7 @@ from commute.scores import (
     FALLBACK_THRESHOLD,
     PREDICTORS,
     lambda_of,
+    response_unit,
     score_predictors,
     summarise,
     t_threshold,
@@ -131,6 +133,11 @@ def _response_target(data: Mapping[str, Any]) -> str:
     if "train" in adjoints:
         noise += (", the adjoint through the training rows' own Hessians (`response.adjoint: train`)"
                   if adjoints == {"train"} else ", the adjoint through the training rows in some arms")
+    cubic = {bool(x.get("cubic")) for a in data.get("arms", []) for x in a.get("responses", [])}
+    if True in cubic:
+        noise += (", through the Δw³ term (`response.cubic`: per Δw the mean of the estimates along the "
+                  "branches at base ± (Δw/√3)·δw(t))" if cubic == {True} else
+                  ", through the Δw³ term in some arms")
     return where + noise
 
 
@@ -926,7 +933,7 @@ def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red"]
     for col, arm in enumerate(arms):
         t0s = sorted({c["t0"] for c in arm["cells"]})
-        units = {r["step"]: r["unit"] for r in arm["responses"]}
+        records = {r["step"]: r for r in arm["responses"]}
         dws_all = sorted({c["delta_w"] for c in arm["cells"]})
         lo, hi = dws_all[0], dws_all[-1]
         span_x = [lo, hi] if hi > lo else [lo * 0.9, lo * 1.1]
@@ -947,20 +954,29 @@ def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
                 ext += [abs(y) + e for y, e in zip(ys, es, strict=True)]
                 ax.errorbar(dws, ys, yerr=es, fmt="o-", ms=4, lw=1, color=color, elinewidth=0.8,
                             label=f"observed, t0 = {t0}")
-                u = units.get(t0, {}).get(d, {}).get("response")
-                if u and math.isfinite(u["mean"]):
-                    se = u.get("stderr") or 0.0
-                    lines.append((color, t0, u["mean"], se if math.isfinite(se) else 0.0))
+                rec = records.get(t0)
+                if rec is None:
+                    continue
+                # one estimate per window (flat in Δw), or with response.cubic one per Δw (a curve)
+                xs = dws if rec.get("by_delta_w") else span_x
+                us = [(response_unit(rec, w).get(d) or {}).get("response") for w in xs]
+                if us and all(u and math.isfinite(u["mean"]) for u in us):
+                    se = [u.get("stderr") or 0.0 for u in us]
+                    lines.append((color, t0, xs, [u["mean"] for u in us],
+                                  [x if math.isfinite(x) else 0.0 for x in se]))
             lim = 1.25 * max([x for x in ext if math.isfinite(x)] or [1e-12])
             off = []
-            for color, t0, mean, se in lines:
-                if abs(mean) > 3 * lim:
-                    off.append((color, t0, mean, se))
+            for color, t0, xs, mean, se in lines:
+                big = max(mean, key=abs)
+                if abs(big) > 3 * lim:
+                    off.append((color, t0, big, se[mean.index(big)]))
                     continue
-                lim = max(lim, 1.15 * abs(mean))
-                ax.plot(span_x, [mean] * 2, "--", color=color, lw=1, label=f"response, t0 = {t0}")
-                if se > 0:
-                    ax.fill_between(span_x, mean - se, mean + se, color=color, alpha=0.12, lw=0)
+                lim = max(lim, 1.15 * abs(big))
+                ax.plot(xs, mean, "--", color=color, lw=1, label=f"response, t0 = {t0}")
+                if any(x > 0 for x in se):
+                    ax.fill_between(xs, [m - e for m, e in zip(mean, se, strict=True)],
+                                    [m + e for m, e in zip(mean, se, strict=True)], color=color, alpha=0.12,
+                                    lw=0)
             for k, (color, t0, mean, se) in enumerate(off):
                 ax.text(0.02, 0.03 + 0.08 * k, f"response t0={t0}: {mean:+.3g} ± {se:.2g} (off scale)",
                         transform=ax.transAxes, fontsize=6.5, color=color)

@@ -513,6 +513,21 @@ def _pair(pd: Mapping[str, Any], predictor: str, dof: int | None = None) -> tupl
             int(n) - 1 if isinstance(n, int) else None)
 
 
+def delta_w_key(delta_w: float) -> str:
+    """The key of one Δw in a response record's ``by_delta_w``."""
+    return f"{float(delta_w):.6g}"
+
+
+def response_unit(record: Mapping[str, Any], delta_w: float | None = None) -> Mapping[str, Any]:
+    """{domain: {"response", "alignment"}} per unit Δw from one window's response record: with
+    ``response.cubic`` the two-point Gauss estimate of that Δw (``by_delta_w``; without ``delta_w`` the
+    first), else the window's one estimate, the same for every Δw ({} where there is none)."""
+    by = record.get("by_delta_w")
+    if by:
+        return (next(iter(by.values())) if delta_w is None else by.get(delta_w_key(delta_w))) or {}
+    return record.get("unit") or {}
+
+
 def _prediction_dof(arm: Mapping[str, Any], t0: Any, domain: str, predictor: str) -> int | None:
     """Degrees of freedom of a cell's prediction: the bracket's P (:func:`p_dof`); the response's and the
     alignment's, replays − 1 (groups − 1 with one replay) as stored with the window's estimate."""
@@ -520,6 +535,6 @@ def _prediction_dof(arm: Mapping[str, Any], t0: Any, domain: str, predictor: str
         return p_dof(arm, t0, domain)
     for r in arm.get("responses", []):
         if r.get("step") == t0:
-            n = ((r.get("unit") or {}).get(domain) or {}).get(predictor, {}).get("n")
+            n = (response_unit(r).get(domain) or {}).get(predictor, {}).get("n")
             return int(n) - 1 if isinstance(n, int) else None
     return None

@@ -75,6 +75,7 @@ from commute.errors import CommuteError
 from commute.io import write_json
 from commute.locality import locality_sweep
 from commute.progress import Progress, logger
+from commute.scores import delta_w_key, response_unit
 from commute.study_config import (
     PRESETS,
     LocalityConfig,
@@ -522,6 +523,14 @@ def _unit_delta(cfg: StudyConfig) -> dict[str, list[float]]:
     return {d1: up, d2: [-x for x in up]}
 
 
+def _gauss_points(cfg: StudyConfig, delta_ws: Sequence[float]) -> list[float]:
+    """Where the response is estimated, as multiples of δw(t): 0 (the base window), or with
+    ``response.cubic`` ±Δw/√3 for every Δw (the two-point Gauss–Legendre nodes of ∫ over [−Δw, Δw])."""
+    if not cfg.response.cubic:
+        return [0.0]
+    return [s * dw / math.sqrt(3.0) for dw in delta_ws for s in (1.0, -1.0)]
+
+
 def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
                  t0: int) -> dict[str, Any]:
     """:class:`commute.response.ResponseEstimator` over the base window [t0, t0 + 2T) replayed from the
@@ -535,7 +544,13 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     estimate per trajectory with its own fresh batches, and the prediction is the mean over trajectories
     with stderr std/√R: G along one trajectory varies from trajectory to trajectory far more than its
     stderr over groups says (that stderr is conditional on the trajectory). R = 1: one trajectory, the
-    stderr over its groups. Trajectory 0's replay is checked against the base checkpoint at t0 + 2T."""
+    stderr over its groups. Trajectory 0's replay is checked against the base checkpoint at t0 + 2T.
+
+    With ``response.cubic`` the estimates are made along replicate r's branches at base ± a·δw(t), a =
+    Δw/√3, and their mean is the prediction for Δw (``by_delta_w``): f(Δw) = ½ ∫_{−Δw}^{Δw} L'(ε) dε for
+    f = (EL^12 − EL^21)/2 and L(ε) the loss after the schedule base + ε·δw(t), and the two-point Gauss rule
+    ∫ ≈ Δw [L'(a) + L'(−a)] is exact for L' cubic: f/Δw to O(Δw⁴), where the first-order answer L'(0) is
+    off by O(Δw²)."""
     from commute.estimate import Estimate
     from commute.model import lm_loss
     from commute.response_estimator import ResponseEstimator
@@ -546,7 +561,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     n = 2 * cfg.T
     base = dict(arm.variant.base)
     unit = _unit_delta(cfg)
-    per: list[dict[str, dict[str, dict[str, Any]]]] = []
+    points = _gauss_points(cfg, arm.variant.delta_ws)
+    per: list[dict[float, dict[str, dict[str, dict[str, Any]]]]] = []  # [trajectory][point][domain]
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
     channel, adjoint = _noise_channel(arm), _adjoint(arm)
     order = tuple(domains)  # the sampler's domain indices
@@ -555,43 +571,62 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
              {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else
              {"adjoint": "train", **rows} if adjoint == "train" else {})
     for r in range(rc.trajectories):
-        ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
+        per.append({})
+        for eps in points:
+            sched = [{k: base[k] + eps * unit[k][t] if k in unit else base[k] for k in base}
+                     for t in range(n)]
+            ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
 
-        def train_batches(state: Mapping[str, Any] = ck.state["sampler"], r: int = r) -> Callable[[int], Any]:
-            sampler = replicate_sampler(domains, tc, state, cfg.seed, t0, r)
-            return lambda s: sampler.next_batch(base)
+            def train_batches(state: Mapping[str, Any] = ck.state["sampler"], r: int = r,
+                              sched: list[dict[str, float]] = sched) -> Callable[[int], Any]:
+                sampler = replicate_sampler(domains, tc, state, cfg.seed, t0, r)
+                return lambda s: sampler.next_batch(sched[s - t0])
 
-        seed = cfg.seed * 1_000_003 + t0 + 13 + 7919 * r
-        streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
-        # optimiser, its hyperparameters per group and the lr schedule are read from the run itself
-        est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
-                                state=ck.optimizer_state, state_names=param_group_names(ck.model))
-        if r == 0:  # the replay must be the base run: compare its end with the base checkpoint at t0 + 2T
-            end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)
-            replay_error = est.replay(train_batches(), n, start=t0).rel_error(end.model)
-        with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
-            rep = est.estimate(train_batches(), [base] * n, targets=list(names), steps=n, start=t0,
-                               n_groups=rc.n_groups, batches_per_step=rc.batches_per_step,
-                               target_data={k: val[k] for k in names}, **noise)
-        n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
-        per.append({k: {"response": rep.predict(k, unit).to_dict(),
-                        "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names})
-    if len(per) == 1:
-        combined = per[0]
-    else:
-        def over(k: str, p: str) -> dict[str, Any]:
-            x = [float(t[k][p]["mean"]) for t in per]
-            return Estimate(statistics.fmean(x), statistics.stdev(x) / math.sqrt(len(x)), len(x)).to_dict()
+            seed = cfg.seed * 1_000_003 + t0 + 13 + 7919 * r  # the same fresh streams at every point
+            streams = {k: domains[k].batches(rc.batch_size, cfg.seq_len, seed=seed) for k in names}
+            # optimiser, its hyperparameters per group and the lr schedule are read from the run itself
+            est = ResponseEstimator(ck.model, lm_loss, streams, lr=lambda step: lr_at(tc, step),
+                                    state=ck.optimizer_state, state_names=param_group_names(ck.model))
+            if r == 0 and math.isnan(replay_error):  # the replay must be the base run: compare its end with
+                end = load_checkpoint(arm.checkpoint(t0 + n), device=arm.device)  # the base checkpoint
+                replay_error = est.replay(train_batches(sched=[base] * n), n, start=t0).rel_error(end.model)
+            with math_attention():  # fused SDPA kernels have no double backward (docs/design.md §2)
+                rep = est.estimate(train_batches(), sched, targets=list(names), steps=n, start=t0,
+                                   n_groups=rc.n_groups, batches_per_step=rc.batches_per_step,
+                                   target_data={k: val[k] for k in names}, **noise)
+            n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
+            per[r][eps] = {k: {"response": rep.predict(k, unit).to_dict(),
+                               "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names}
 
-        combined = {k: {p: over(k, p) for p in ("response", "alignment")} for k in names}
+    def combine(at: Sequence[float]) -> dict[str, dict[str, Any]]:
+        """Per target and predictor: the mean over ``at``'s points of each trajectory, then over
+        trajectories (stderr std/√R; one trajectory: the points' group stderrs combined)."""
+        def one(k: str, p: str) -> dict[str, Any]:
+            x = [statistics.fmean(float(t[e][k][p]["mean"]) for e in at) for t in per]
+            if len(x) > 1:
+                se = statistics.stdev(x) / math.sqrt(len(x))
+                return Estimate(statistics.fmean(x), se, len(x)).to_dict()
+            parts = [per[0][e][k][p] for e in at]
+            se = math.sqrt(sum(float(q["stderr"]) ** 2 for q in parts)) / len(parts)
+            return Estimate(x[0], se, int(parts[0]["n"])).to_dict()
+
+        return {k: {p: one(k, p) for p in ("response", "alignment")} for k in names}
+
     out = {"step": t0, "target": "val", "n_groups": rc.n_groups, "batch_size": rc.batch_size,
            "trajectories": rc.trajectories,
            "batches_per_step": rc.batches_per_step, "noise": channel or False,
            "adjoint": adjoint, "n_hvp": n_hvp,
            "seconds": seconds,
-           "replay_rel_error": replay_error, "unit": combined}
-    if len(per) > 1:
-        out["per_trajectory"] = per
+           "replay_rel_error": replay_error}
+    if rc.cubic:
+        a = {dw: (points[2 * i], points[2 * i + 1]) for i, dw in enumerate(arm.variant.delta_ws)}
+        out["cubic"] = True
+        out["by_delta_w"] = {delta_w_key(dw): combine(at) for dw, at in a.items()}
+    else:
+        out["unit"] = combine([0.0]) if len(per) > 1 else per[0][0.0]
+    if len(per) > 1 or rc.cubic:
+        out["per_trajectory"] = ([t[0.0] for t in per] if not rc.cubic else
+                                 [{delta_w_key(e): t[e] for e in points} for t in per])
     return out
 
 
@@ -622,7 +657,8 @@ def estimate_response(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, li
                       + ([rc.trajectories] if rc.trajectories != 1 else [])
                       + ([rc.batches_per_step, noise] if (rc.batches_per_step, noise) != (1, False) else [])
                       + (["noise: rows"] if channel == "rows" else [])
-                      + (["adjoint: train"] if rc.adjoint == "train" and channel != "rows" else []))
+                      + (["adjoint: train"] if rc.adjoint == "train" and channel != "rows" else [])
+                      + (["cubic", *arm.variant.delta_ws] if rc.cubic else []))
     out = {}
     for t0 in arm.cfg.t0s:
         path = arm.cache / f"response_{t0:08d}_{key}.json"
@@ -680,7 +716,7 @@ def predict(arm: Arm, cells: Sequence[Cell], estimates: Sequence[CheckpointEstim
                 "recency": {"mean": 1.0 if k == d1 else -1.0 if k == d2 else None, "stderr": None},
             }
             if c.t0 in responses:
-                u = responses[c.t0]["unit"][k]
+                u = response_unit(responses[c.t0], c.delta_w)[k]
                 preds["response"] = _scaled(u["response"], c.delta_w)
                 preds["alignment"] = _scaled(u["alignment"], c.delta_w)
             c.per_domain[k] = {"EL12": el12, "EL21": el21, "antisym": anti, "observed": obs, "pred": pred,

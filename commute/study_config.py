@@ -65,6 +65,9 @@ class ResponseConfig:
     # how the adjoint is pulled back: "fresh" (the fresh batches' Hessians) or "train" (the training rows'
     # own, the realised map's; the rows channel's always)
     adjoint: str = "fresh"
+    # through the Δw³ term: per Δw, estimates along the branches at base ± (Δw/√3)·δw(t) averaged (the
+    # two-point Gauss rule for (EL^12 − EL^21)/(2Δw), exact to O(Δw⁴)); 2 estimates per Δw, not 1 per window
+    cubic: bool = False
 
 
 @dataclass
@@ -164,6 +167,8 @@ class StudyConfig:
         if noise == "rows" and self.sampler_mode != "exact":
             raise CommuteError("response.noise: rows needs sampler_mode: exact (the channel assumes fixed "
                                "rows per domain); use 'variance' with sampled batches.")
+        if not isinstance(self.response.cubic, bool):
+            raise CommuteError(f"response.cubic must be true or false, got {self.response.cubic!r}.")
         if self.response.adjoint not in ("fresh", "train"):
             raise CommuteError(f"response.adjoint must be 'fresh' or 'train', got {self.response.adjoint!r}.")
         if self.response.adjoint == "train" and noise in (True, "variance"):

@@ -658,6 +658,69 @@ def test_response_rows_noise_channel_in_the_study(tmp_path: Path) -> None:
             StudyConfig.from_dict({**plain.to_dict(), "response": {**plain.to_dict()["response"], **bad}})
 
 
+def test_response_cubic_averages_the_gauss_nodes_along_the_replicates_branches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """response.cubic: per Δw and trajectory r the estimate is made along replicate r's branches at base ±
+    (Δw/√3)·δw(t) (truth: a second study whose Δws are those nodes ends its θ12 / θ21 branches of replicate
+    r exactly where those estimates put L(θ_end)), and the cell's prediction is Δw times the mean over
+    trajectories of the two nodes' mean, with stderr std/√R."""
+    import commute.response_estimator as re_mod
+
+    seen: list[tuple[list, object]] = []
+    real = re_mod.ResponseEstimator.estimate
+
+    def spy(self, train_batches, weights, *args, **kwargs):
+        rep = real(self, train_batches, weights, *args, **kwargs)
+        seen.append((list(weights), rep))
+        return rep
+
+    monkeypatch.setattr(re_mod.ResponseEstimator, "estimate", spy)
+    plain = _micro_config(tmp_path)
+    dws = [0.2, 0.4]
+    cfg = StudyConfig.from_dict({**plain.to_dict(), "optimizers": ["sgd"], "locality": {"enabled": False},
+                                 "variants": [{"name": "balanced", "base": {"a": 0.5, "b": 0.5},
+                                               "delta_ws": dws}],
+                                 "response": {"n_groups": 2, "batch_size": 2, "trajectories": 2,
+                                              "cubic": True}})
+    res = run_bilingual_study(config=cfg, out_dir=tmp_path / "cubic", cache_dir=tmp_path / "cache",
+                              progress=False)
+    (r,) = res.data["arms"][0]["responses"]
+    assert r["cubic"] is True and "unit" not in r and set(r["by_delta_w"]) == {"0.2", "0.4"}
+    nodes = [s * dw / math.sqrt(3) for dw in dws for s in (1, -1)]
+    assert len(seen) == 2 * len(nodes)  # trajectory after trajectory, every node
+    for i, (weights, _) in enumerate(seen):
+        eps = nodes[i % len(nodes)]
+        assert weights[0]["a"] == pytest.approx(0.5 + eps) and weights[-1]["a"] == pytest.approx(0.5 - eps)
+    per = r["per_trajectory"]
+    for dw in dws:
+        a = dw / math.sqrt(3)
+        for k in ("a", "b"):
+            x = np.array([0.5 * (t[f"{a:.6g}"][k]["response"]["mean"] + t[f"{-a:.6g}"][k]["response"]["mean"])
+                          for t in per])
+            got = r["by_delta_w"][f"{dw:.6g}"][k]["response"]
+            assert got["mean"] == pytest.approx(x.mean()) and got["n"] == 2
+            assert got["stderr"] == pytest.approx(x.std(ddof=1) / math.sqrt(2))
+            cell = next(c for c in res.data["arms"][0]["cells"] if c["delta_w"] == dw)
+            assert cell["per_domain"][k]["predictions"]["response"]["mean"] == pytest.approx(dw * x.mean())
+    # the node trajectories are the branches of Δw/√3, replicate by replicate
+    at_nodes = StudyConfig.from_dict({**cfg.to_dict(), "response": {"enabled": False},
+                                      "variants": [{"name": "balanced", "base": {"a": 0.5, "b": 0.5},
+                                                    "delta_ws": [dw / math.sqrt(3) for dw in dws]}]})
+    ref = run_bilingual_study(config=at_nodes, out_dir=tmp_path / "nodes", cache_dir=tmp_path / "cache",
+                              progress=False)
+    for j, c in enumerate(ref.data["arms"][0]["cells"]):
+        for rr, rep_r in enumerate(c["replicates"]):
+            for sign, branch in ((0, "L12"), (1, "L21")):
+                _, rep = seen[rr * len(nodes) + 2 * j + sign]
+                for k in ("a", "b"):
+                    assert rep.loss(k).mean == pytest.approx(rep_r[branch][k], rel=1e-5), (j, rr, branch, k)
+    text = res.report_path.read_text()
+    assert "through the Δw³ term (`response.cubic`" in text
+    assert (tmp_path / "cubic" / "linearity.png").stat().st_size > 5000
+    with pytest.raises(CommuteError, match="response.cubic must be true or false"):
+        StudyConfig.from_dict({**plain.to_dict(), "response": {"cubic": "yes"}})
+
+
 def test_predictors_target_the_observed_validation_loss(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The response's and the bracket's targets are the losses the observation measures: the study's fixed
