@@ -991,7 +991,9 @@ def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
 
     handles = [Line2D([], [], color=colors[n % len(colors)], marker="o", label=f"observed, t0 = {t0}")
                for n, t0 in enumerate(sorted({c["t0"] for a in arms for c in a["cells"]}))]
-    handles += [Line2D([], [], color="0.3", ls="--", label="linear response (± stderr band), same colour")]
+    cubic = any(r.get("by_delta_w") for a in arms for r in a["responses"])
+    what = "response through Δw³ (response.cubic)" if cubic else "linear response"
+    handles += [Line2D([], [], color="0.3", ls="--", label=f"{what} (± stderr band), same colour")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     return _save(plt, fig, path, rect=(0, 0.5 / (3.0 * len(names) + 0.5), 1, 1))
 
