@@ -821,7 +821,8 @@ def audit_run(
        replay is checked against the window's last checkpoint. ``response_adjoint="train"`` pulls the
        adjoint back through the training rows' own Hessians (the mean-field derivative of the realised
        map, ``ResponseEstimator.estimate(adjoint="train")``); ``response_noise="rows"`` adds the rows
-       channel's noise term (and implies ``"train"``). Both need a run with ``loss_weighting: sample``.
+       channel's noise term (and implies ``"train"``; it needs ``sampler_mode: exact``). Both need a run
+       with ``loss_weighting: sample``.
     4. **Recommendations** (:func:`recommendations`).
 
     ``distributed=True`` under torchrun (every rank calls this with the same arguments): both estimators
@@ -840,7 +841,8 @@ def audit_run(
     window with ``start``, ``end``, ``skipped`` (a reason or None), ``replay`` {rel_error}, ``targets``,
     ``weights`` and ``lrs`` per step, ``G`` and ``stderr`` {target: {domain: per step}}, ``bins`` {edges, G,
     stderr, z, weights}, ``window_sums``, ``best_shift`` {target: {from, to, mean, stderr, t, steps,
-    significant}}; ``recommendations`` [{kind (optimality, response, order or none), text, evidence, ...}];
+    significant}}, ``adjoint`` (fresh or train), ``noise`` (rows or null); ``recommendations`` [{kind
+    (optimality, response, order or none), text, evidence, ...}];
     ``settings``, ``meaning``, ``seconds``, ``files``. Non-finite numbers are written as null.
 
     Raises :class:`CommuteError` (one sentence) for a missing run, unknown checkpoint steps, bad settings.
@@ -927,6 +929,10 @@ def audit_run(
             raise CommuteError(f"the response's {what} differentiates each domain's rows of a step, which "
                                "is the run's step only when its loss is the batch mean (loss_weighting: "
                                f"sample); this run has {weighting!r}.")
+        if response_noise == "rows" and states[b]["config"].get("sampler_mode", "sample") != "exact":
+            raise CommuteError("the response's rows noise channel assumes fixed rows per domain in each "
+                               "batch (sampler_mode: exact); this run draws each row's domain (sampler_mode: "
+                               "sample): use --response-adjoint train without the noise channel.")
         reason = _skip_reason(states[a], states[b])
         rbs = int(response_batch_size or max(1, int(states[b]["config"]["batch_size"]) // len(names)))
         rsettings = {"groups": response_groups, "batch_size": rbs, "seed": seed, "dtype_device": dev.type,

@@ -141,6 +141,31 @@ def _response_target(data: Mapping[str, Any]) -> str:
     return where + noise
 
 
+def _cubic(data: Mapping[str, Any]) -> bool:
+    """Whether every response was estimated through the Δw³ term (``response.cubic``)."""
+    recs = [x for a in data.get("arms", []) for x in a.get("responses", [])]
+    return bool(recs) and all(x.get("cubic") for x in recs)
+
+
+def _where_estimated(data: Mapping[str, Any]) -> str:
+    return ("branches at base ± (Δw/√3)·δw(t) of each Δw (`response.cubic`)" if _cubic(data) else
+            "base window")
+
+
+def _linearity_caption(data: Mapping[str, Any]) -> str:
+    head = ("Is the observation first order in Δw? The observed antisymmetric excess per unit Δw (± stderr "
+            "over the replicates) against Δw, and ")
+    if _cubic(data):
+        return head + ("the response's per-unit prediction through its Δw³ term (`response.cubic`: "
+                       "dashed, band ± stderr, one estimate per Δw). The even terms cancel in the "
+                       "antisymmetric part; a slope in Δw is the cubic term, which this prediction has, and "
+                       "a gap at every Δw is an error of the response itself.")
+    return head + ("the linear response's per-unit prediction (dashed, band ± stderr). A first-order "
+                   "answer is flat and on its dashed line; a slope in Δw is the cubic term (the even terms "
+                   "cancel in the antisymmetric part) that no first-order predictor has (`response.cubic` "
+                   "adds it), and a flat line away from the dashed one is an error of the response itself.")
+
+
 def _bracket_target(data: Mapping[str, Any]) -> str:
     """What the bracket's target gradient was measured on (older results: training draws)."""
     return _target_clause(data, "checkpoints", "; g_L on the same validation batches",
@@ -541,8 +566,8 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
         "Observed: the antisymmetric excess (EL^12 − EL^21)/2, mean ± stderr over the replicates; a cell "
         "(arm, t0, Δw, target) counts only where that mean is significant (two-sided 95 % Student-t, R − 1 "
         "dof). Predictors, each with its stderr: the schedule's **linear response** Σ_t δw(t)·G(t) "
-        "(docs/design.md §1b; G estimated along the replayed base window, the mean over the replays with "
-        f"`response.trajectories` > 1{_response_target(data)}), the **bracket** γ²ΔwT²P "
+        f"(docs/design.md §1b; G estimated along the replayed {_where_estimated(data)}, the mean over the "
+        f"replays with `response.trajectories` > 1{_response_target(data)}), the **bracket** γ²ΔwT²P "
         f"(second order in γT{_bracket_target(data)}), the **first-order alignment** (the response without "
         "curvature: the target gradient at the window's end against each step's domain gradients) and the "
         "**recency rule** (the domain boosted last ends better; sign only).",
@@ -556,12 +581,7 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
            "Each predictor against the replicated observation (both with ± stderr bars; filled: significant "
            "observation). Both axes share one symmetric-log scale per panel; the dashed line is "
            "observed = predicted.", ""] if figures else []),
-        *([f"![linearity]({figs['linearity']})", "",
-           "Is the observation first order in Δw? The observed antisymmetric excess per unit Δw (± stderr "
-           "over the replicates) against Δw, and the linear response's per-unit prediction (dashed, band ± "
-           "stderr). A first-order answer is flat and on its dashed line; a slope in Δw is the cubic term "
-           "(the even terms cancel in the antisymmetric part) that no first-order predictor has, and a flat "
-           "line away from the dashed one is an error of the response itself.", ""]
+        *([f"![linearity]({figs['linearity']})", "", _linearity_caption(data), ""]
           if "linearity" in figs else []),
         "## The bracket in detail",
         "",
@@ -972,7 +992,8 @@ def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
                     off.append((color, t0, big, se[mean.index(big)]))
                     continue
                 lim = max(lim, 1.15 * abs(big))
-                ax.plot(xs, mean, "--", color=color, lw=1, label=f"response, t0 = {t0}")
+                ax.plot(xs, mean, "x--" if len(xs) == 1 else "--", color=color, lw=1,
+                        label=f"response, t0 = {t0}")
                 if any(x > 0 for x in se):
                     ax.fill_between(xs, [m - e for m, e in zip(mean, se, strict=True)],
                                     [m + e for m, e in zip(mean, se, strict=True)], color=color, alpha=0.12,

@@ -1076,8 +1076,12 @@ class ResponseReport(JsonRoundTrip):
         ``delta_w``: domain -> dw_k(t) over the window's steps (absent domains: 0). Mean +- stderr over
         groups; ``baseline=True`` gives the alignment baseline's prediction (G0).
         """
-        per_group = np.einsum("gkt,kt->g", self.samples(target, baseline), self._delta(delta_w))
-        return Estimate.from_samples(per_group)
+        return Estimate.from_samples(self.predict_samples(target, delta_w, baseline))
+
+    def predict_samples(self, target: str | Mapping[str, float], delta_w: Mapping[str, Any],
+                        baseline: bool = False) -> np.ndarray:
+        """``[groups]``: :meth:`predict`'s sum_t sum_k dw_k(t) G_k(t) per group."""
+        return np.einsum("gkt,kt->g", self.samples(target, baseline), self._delta(delta_w))
 
     def predict_alignment(self, target: str | Mapping[str, float], delta_w: Mapping[str, Any]) -> Estimate:
         """:meth:`predict` with the first-order alignment baseline G0 (no curvature, no optimiser carry)."""

@@ -563,6 +563,7 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     unit = _unit_delta(cfg)
     points = _gauss_points(cfg, arm.variant.delta_ws)
     per: list[dict[float, dict[str, dict[str, dict[str, Any]]]]] = []  # [trajectory][point][domain]
+    groups: dict[float, dict[tuple[str, str], Any]] = {}  # trajectory 0's per-group predictions
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
     channel, adjoint = _noise_channel(arm), _adjoint(arm)
     order = tuple(domains)  # the sampler's domain indices
@@ -597,18 +598,20 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
             n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
             per[r][eps] = {k: {"response": rep.predict(k, unit).to_dict(),
                                "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names}
+            if r == 0:  # per-group predictions: one trajectory's points share their fresh batches
+                groups[eps] = {(k, p): rep.predict_samples(k, unit, baseline=p == "alignment")
+                               for k in names for p in ("response", "alignment")}
 
     def combine(at: Sequence[float]) -> dict[str, dict[str, Any]]:
         """Per target and predictor: the mean over ``at``'s points of each trajectory, then over
-        trajectories (stderr std/√R; one trajectory: the points' group stderrs combined)."""
+        trajectories (stderr std/√R); one trajectory: over its groups of the points' mean, group by group
+        (the points' estimates share fresh batches and sampler draws, so they are correlated)."""
         def one(k: str, p: str) -> dict[str, Any]:
             x = [statistics.fmean(float(t[e][k][p]["mean"]) for e in at) for t in per]
             if len(x) > 1:
                 se = statistics.stdev(x) / math.sqrt(len(x))
                 return Estimate(statistics.fmean(x), se, len(x)).to_dict()
-            parts = [per[0][e][k][p] for e in at]
-            se = math.sqrt(sum(float(q["stderr"]) ** 2 for q in parts)) / len(parts)
-            return Estimate(x[0], se, int(parts[0]["n"])).to_dict()
+            return Estimate.from_samples(sum(groups[e][k, p] for e in at) / len(at)).to_dict()
 
         return {k: {p: one(k, p) for p in ("response", "alignment")} for k in names}
 
@@ -716,7 +719,10 @@ def predict(arm: Arm, cells: Sequence[Cell], estimates: Sequence[CheckpointEstim
                 "recency": {"mean": 1.0 if k == d1 else -1.0 if k == d2 else None, "stderr": None},
             }
             if c.t0 in responses:
-                u = response_unit(responses[c.t0], c.delta_w)[k]
+                u = response_unit(responses[c.t0], c.delta_w).get(k)
+                if u is None:
+                    raise CommuteError(f"the response at t0 = {c.t0} has no estimate for Δw = {c.delta_w} "
+                                       f"and {k!r}; delete its cache file to re-estimate it.")
                 preds["response"] = _scaled(u["response"], c.delta_w)
                 preds["alignment"] = _scaled(u["alignment"], c.delta_w)
             c.per_domain[k] = {"EL12": el12, "EL21": el21, "antisym": anti, "observed": obs, "pred": pred,

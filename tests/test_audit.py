@@ -294,12 +294,19 @@ def test_cli_json_schema_and_a_cached_rerun_does_no_estimation(run, tmp_path, ca
     assert "cached" in err
 
 
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory, corpora) -> Path:
+    """The same run with exact-count batches (the rows noise channel's premise)."""
+    return _one_thread(_train, tmp_path_factory.mktemp("exact"), corpora, sampler_mode="exact")
+
+
 @pytest.mark.parametrize("how", [dict(response_adjoint="train"), dict(response_noise="rows")])
-def test_training_rows_adjoint_replays_a_step_as_one_batch_of_its_rows(how, audited, run, tmp_path) -> None:
-    """``response_adjoint="train"`` and ``response_noise="rows"`` replay a step's two micro-batches as one
-    batch of their rows (the run's step for a batch-mean loss: the replay still reproduces the checkpoint at
-    the window's end) and are the estimator wired by hand with ``adjoint="train"`` / ``noise="rows"`` and
-    ``Batch.by_domain``; the default's numbers (the ``audited`` fixture) are not theirs."""
+def test_training_rows_adjoint_replays_a_step_as_one_batch_of_its_rows(how, audited, run, exact_run,
+                                                                       tmp_path) -> None:
+    """``response_adjoint="train"`` and ``response_noise="rows"`` (on an exact-count run) replay a step's
+    two micro-batches as one batch of their rows (the run's step for a batch-mean loss: the replay still
+    reproduces the checkpoint at the window's end) and are the estimator wired by hand with
+    ``adjoint="train"`` / ``noise="rows"`` and ``Batch.by_domain``; the default's numbers are not theirs."""
     from commute.audit import audit_run
     from commute.data import Batch, MixtureSampler, load_domains
     from commute.model import lm_loss
@@ -307,6 +314,7 @@ def test_training_rows_adjoint_replays_a_step_as_one_batch_of_its_rows(how, audi
     from commute.schedule import Schedule
     from commute.train import load_checkpoint, lr_at, param_group_names
 
+    run = exact_run if "response_noise" in how else run
     res = _one_thread(audit_run, run, tmp_path / "out", checkpoints=[8, 12], **SETTINGS, **RESPONSE, **how)
     (win,) = res.windows
     assert (win["start"], win["end"]) == (8, 12) and win["replay"]["rel_error"] < 1e-5, win["replay"]
@@ -326,7 +334,9 @@ def test_training_rows_adjoint_replays_a_step_as_one_batch_of_its_rows(how, audi
                       sched, names, steps=4, start=8, n_groups=2, target_batches=2,
                       train_rows=lambda b: b.by_domain(names),
                       **({"noise": "rows"} if "response_noise" in how else {"adjoint": "train"}))
-    default = next(w for w in audited.windows if w["start"] == 8)
+    default = next(w for w in (audited if run is not exact_run else _one_thread(
+        audit_run, run, tmp_path / "default", checkpoints=[8, 12], **SETTINGS, **RESPONSE)).windows
+        if w["start"] == 8)
     for t, tw in win["targets"].items():
         G = rep.G(tw)
         for k in names:
@@ -345,6 +355,17 @@ def test_training_rows_adjoint_needs_a_batch_mean_loss(corpora, tmp_path) -> Non
     run = _train(tmp_path, corpora, loss_weighting="domain", steps=8, grad_accum=1)
     with pytest.raises(CommuteError, match="loss_weighting: sample"):
         audit_run(run, tmp_path / "out", response_adjoint="train", **SETTINGS)
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_rows_noise_channel_needs_exact_count_batches(run, tmp_path) -> None:
+    """The rows channel models fixed rows per domain: a run whose batches draw each row's domain
+    (``sampler_mode: sample``, the default) is refused in one sentence, before any estimate."""
+    from commute.audit import audit_run
+    from commute.errors import CommuteError
+
+    with pytest.raises(CommuteError, match="sampler_mode: exact"):
+        audit_run(run, tmp_path / "out", response_noise="rows", **SETTINGS)
     assert not (tmp_path / "out" / "cache").exists()
 
 

@@ -714,6 +714,21 @@ def test_response_cubic_averages_the_gauss_nodes_along_the_replicates_branches(
                 _, rep = seen[rr * len(nodes) + 2 * j + sign]
                 for k in ("a", "b"):
                     assert rep.loss(k).mean == pytest.approx(rep_r[branch][k], rel=1e-5), (j, rr, branch, k)
+    # one trajectory: the stderr is over groups of the two nodes' mean, group by group (the nodes share
+    # their fresh batches, so their estimates are correlated and their stderrs do not add in quadrature)
+    seen.clear()
+    single = StudyConfig.from_dict({**cfg.to_dict(),
+                                    "response": {**cfg.to_dict()["response"], "trajectories": 1}})
+    (r1,) = run_bilingual_study(config=single, out_dir=tmp_path / "one", cache_dir=tmp_path / "cache",
+                                progress=False).data["arms"][0]["responses"]
+    unit = {"a": [1.0, 1.0, -1.0, -1.0], "b": [-1.0, -1.0, 1.0, 1.0]}
+    for j, dw in enumerate(dws):
+        (_, plus), (_, minus) = seen[2 * j], seen[2 * j + 1]
+        for k in ("a", "b"):
+            g = 0.5 * (plus.predict_samples(k, unit) + minus.predict_samples(k, unit))
+            got = r1["by_delta_w"][f"{dw:.6g}"][k]["response"]
+            assert got["mean"] == pytest.approx(g.mean()) and got["n"] == 2
+            assert got["stderr"] == pytest.approx(g.std(ddof=1) / math.sqrt(2))
     text = res.report_path.read_text()
     assert "through the Δw³ term (`response.cubic`" in text
     assert (tmp_path / "cubic" / "linearity.png").stat().st_size > 5000

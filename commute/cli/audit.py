@@ -70,7 +70,7 @@ def audit_cmd(
                                          "loss_weighting: sample)."),
     response_noise: str | None = typer.Option(
         None, "--response-noise", help="rows: add the training rows' gradient-noise term to G (implies "
-                                       "--response-adjoint train)."),
+                                       "--response-adjoint train; needs sampler_mode: exact)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
     seed: int = typer.Option(0, "--seed", help="Seeds the estimators' batch streams."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write audit.json's content here."),
