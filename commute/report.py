@@ -947,10 +947,22 @@ def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
     if not arms:
         return None
     plt = _plt()
+    from matplotlib.lines import Line2D
+
     names = list(data["domains"])
-    fig, axes = plt.subplots(len(names), len(arms), figsize=(3.6 * len(arms), 3.0 * len(names) + 0.5),
-                             squeeze=False)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red"]
+    handles = [Line2D([], [], color=colors[n % len(colors)], marker="o", label=f"observed, t0 = {t0}")
+               for n, t0 in enumerate(sorted({c["t0"] for a in arms for c in a["cells"]}))]
+    cubic = any(r.get("by_delta_w") for a in arms for r in a["responses"])
+    what = "response through Δw³" if cubic else "linear response"
+    handles += [Line2D([], [], color="0.3", ls="--", label=f"{what} (dashed, ± stderr band)")]
+    width = 3.6 * len(arms)
+    # as many legend columns as fit the width (about 15 characters per inch at size 8, plus the marker)
+    cell = max(len(h.get_label()) for h in handles) / 15 + 0.5
+    ncol = max(1, min(len(handles), int(width // cell)))
+    bottom = 0.3 + 0.22 * math.ceil(len(handles) / ncol)  # inches under the panels for the legend
+    height = 3.0 * len(names) + bottom
+    fig, axes = plt.subplots(len(names), len(arms), figsize=(width, height), squeeze=False)
     for col, arm in enumerate(arms):
         t0s = sorted({c["t0"] for c in arm["cells"]})
         records = {r["step"]: r for r in arm["responses"]}
@@ -1008,15 +1020,8 @@ def plot_linearity(data: Mapping[str, Any], path: str | Path) -> Path | None:
             ax.set_xlabel("Δw", fontsize=8)
             ax.set_ylabel("antisym. excess / Δw", fontsize=8)
             ax.tick_params(labelsize=7)
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=colors[n % len(colors)], marker="o", label=f"observed, t0 = {t0}")
-               for n, t0 in enumerate(sorted({c["t0"] for a in arms for c in a["cells"]}))]
-    cubic = any(r.get("by_delta_w") for a in arms for r in a["responses"])
-    what = "response through Δw³ (response.cubic)" if cubic else "linear response"
-    handles += [Line2D([], [], color="0.3", ls="--", label=f"{what} (± stderr band), same colour")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    return _save(plt, fig, path, rect=(0, 0.5 / (3.0 * len(names) + 0.5), 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    return _save(plt, fig, path, rect=(0, bottom / height, 1, 1))
 
 
 def plot_locality(loc: Mapping[str, Any], path: str | Path) -> Path:
