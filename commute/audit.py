@@ -848,6 +848,7 @@ def audit_run(
     Raises :class:`CommuteError` (one sentence) for a missing run, unknown checkpoint steps, bad settings.
     """
     from commute.checkpoint import read_state
+    from commute.response_estimator import resolve_adjoint
     from commute.scores import t_threshold
     from commute.train import resolve_device
 
@@ -864,15 +865,11 @@ def audit_run(
             response_target_batches, int) or response_target_batches < 1):
         raise CommuteError("response_target_batches must be a whole number >= 1 (or None: the run's "
                            f"validation batches), got {response_target_batches!r}.")
-    if response_adjoint not in (None, "fresh", "train"):
-        raise CommuteError(f"response_adjoint must be 'fresh' or 'train', got {response_adjoint!r}.")
     if response_noise not in (None, "rows"):
         raise CommuteError(f"response_noise must be 'rows' or None (no noise channel), got "
                            f"{response_noise!r}.")
-    if response_noise == "rows" and response_adjoint == "fresh":
-        raise CommuteError("the rows noise channel pulls the adjoint back through the training rows' own "
-                           "Hessians: leave response_adjoint unset (or 'train').")
-    adjoint = "train" if response_noise == "rows" else response_adjoint or "fresh"
+    adjoint = resolve_adjoint(response_noise, response_adjoint, noise_name="response_noise",
+                              adjoint_name="response_adjoint")
     if grad_batches < 2 * groups or hvp_batches < groups:
         raise CommuteError(f"with {groups} groups, need grad_batches >= {2 * groups} and hvp_batches >= "
                            f"{groups} (got {grad_batches} and {hvp_batches}); lower groups or add batches.")

@@ -683,13 +683,7 @@ class ResponseEstimator:
     def _rows_setting(self, noise: str | None, train_rows: Any, train_batch_size: int | None,
                       adjoint: str | None = None) -> Callable[[Any], Mapping[str, Any]] | None:
         """The training-batch splitter of the rows channel and of ``adjoint="train"`` (None: neither)."""
-        if adjoint is None:
-            adjoint = "train" if noise == "rows" else "fresh"
-        if adjoint not in ("fresh", "train"):
-            raise CommuteError(f"adjoint must be 'fresh' or 'train', got {adjoint!r}.")
-        if noise == "rows" and adjoint == "fresh":
-            raise CommuteError("noise='rows' pulls the adjoint back through the training rows' own Hessians: "
-                               "leave adjoint unset (or 'train').")
+        adjoint = resolve_adjoint(noise, adjoint)
         if adjoint == "fresh":
             if train_rows is not None:
                 raise CommuteError("train_rows is for the rows noise channel or adjoint='train': give one of "
@@ -899,6 +893,19 @@ class ResponseEstimator:
                     out[i, k] += _dot(curv[i], dvar[k])
         return [(tuple(ap + h for ap, h in zip(a[0], hv[i], strict=True)), a[1], a[2])
                 for i, a in enumerate(pulled)]
+
+
+def resolve_adjoint(noise: str | None, adjoint: str | None, *, noise_name: str = "noise",
+                    adjoint_name: str = "adjoint") -> str:
+    """The adjoint mode an estimate runs with: ``adjoint`` as given, or when unset ``"train"`` with the rows
+    noise channel (which needs it) and ``"fresh"`` otherwise; one sentence for a bad value or for the rows
+    channel with ``"fresh"``. ``noise_name`` / ``adjoint_name``: how the caller's user spells the two."""
+    if adjoint not in (None, "fresh", "train"):
+        raise CommuteError(f"{adjoint_name} must be 'fresh' or 'train', got {adjoint!r}.")
+    if noise == "rows" and adjoint == "fresh":
+        raise CommuteError(f"the rows noise channel ({noise_name}='rows') pulls the adjoint back through the "
+                           f"training rows' own Hessians: leave {adjoint_name} unset (or 'train').")
+    return adjoint or ("train" if noise == "rows" else "fresh")
 
 
 def _rows(batch: Any) -> int:
