@@ -89,8 +89,7 @@ def main() -> None:
     cfg, domains, val, arm = window_arm(a.preset, a.optimizer, a.variant, a.t0, a.out, a.device, a.cache_dir)
     rc, tc, names, n = cfg.response, arm.tc, list(cfg.domain_names), 2 * cfg.T
     base, unit, G = dict(arm.variant.base), S._unit_delta(cfg), a.groups
-    sched = [{k: base.get(k, 0.0) + a.at * unit[k][t] if k in unit else base.get(k, 0.0) for k in base}
-             for t in range(n)]
+    sched = S.shifted_schedule(base, unit, a.at)
     if any(not 0.0 <= w <= 1.0 for ws in sched for w in ws.values()):
         ap.error(f"--at {a.at} takes a weight outside [0, 1].")
     print(f"{a.preset} {arm.label} t0={a.t0} T={cfg.T}: response per unit Δw, {a.batches} batches, "

@@ -63,6 +63,7 @@ __all__ = [
     "predicted_change",
     "intervention_delta",
     "antisymmetric_excess",
+    "cubic_node",
     "cubic_nodes",
     "antisymmetric_excess_cubic",
     "optimizer_settings",
@@ -560,12 +561,18 @@ def antisymmetric_excess(G: Mapping[str, Tensor], intervention: Intervention, st
     return predicted_change(G, intervention_delta(intervention, steps, start))
 
 
+def cubic_node(delta_w: float) -> float:
+    """Delta w / sqrt(3): +- this are the two-point Gauss-Legendre nodes of the integral over
+    [-Delta w, Delta w] that :func:`antisymmetric_excess_cubic` evaluates."""
+    return float(delta_w) / math.sqrt(3.0)
+
+
 def cubic_nodes(intervention: Intervention) -> tuple[Intervention, Intervention]:
     """The two schedules at which :func:`antisymmetric_excess_cubic` needs G: the same intervention with
-    Delta w / sqrt(3), and its mirror (base +- (Delta w / sqrt(3)) dw(t) / Delta w, the two-point
-    Gauss-Legendre nodes of the integral over [-Delta w, Delta w])."""
+    :func:`cubic_node` (Delta w) for its Delta w, and its mirror (base +- (Delta w / sqrt(3)) dw(t) /
+    Delta w)."""
     iv = intervention
-    node = Intervention(iv.base, iv.first, iv.second, iv.delta_w / math.sqrt(3.0), iv.t0, iv.T)
+    node = Intervention(iv.base, iv.first, iv.second, cubic_node(iv.delta_w), iv.t0, iv.T)
     return node, node.reversed()
 
 

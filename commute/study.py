@@ -523,12 +523,22 @@ def _unit_delta(cfg: StudyConfig) -> dict[str, list[float]]:
     return {d1: up, d2: [-x for x in up]}
 
 
-def _gauss_points(cfg: StudyConfig, delta_ws: Sequence[float]) -> list[float]:
-    """Where the response is estimated, as multiples of δw(t): 0 (the base window), or with
-    ``response.cubic`` ±Δw/√3 for every Δw (the two-point Gauss–Legendre nodes of ∫ over [−Δw, Δw])."""
+def _gauss_points(cfg: StudyConfig, delta_ws: Sequence[float]) -> dict[float | None, tuple[float, ...]]:
+    """Where the response is estimated, as multiples of δw(t): ``{None: (0,)}`` (the base window), or with
+    ``response.cubic`` {Δw: (+a, −a)} with a = Δw/√3 (:func:`commute.response.cubic_node`, the two-point
+    Gauss–Legendre nodes of ∫ over [−Δw, Δw])."""
+    from commute.response import cubic_node
+
     if not cfg.response.cubic:
-        return [0.0]
-    return [s * dw / math.sqrt(3.0) for dw in delta_ws for s in (1.0, -1.0)]
+        return {None: (0.0,)}
+    return {dw: (cubic_node(dw), -cubic_node(dw)) for dw in delta_ws}
+
+
+def shifted_schedule(base: Mapping[str, float], delta: Mapping[str, Sequence[float]],
+                     eps: float) -> list[dict[str, float]]:
+    """base + eps·δw(t) at every step of δw's window (domains without δw keep their base weight)."""
+    n = len(next(iter(delta.values())))
+    return [{k: base[k] + eps * delta[k][t] if k in delta else base[k] for k in base} for t in range(n)]
 
 
 def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Tensor]],
@@ -561,7 +571,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     n = 2 * cfg.T
     base = dict(arm.variant.base)
     unit = _unit_delta(cfg)
-    points = _gauss_points(cfg, arm.variant.delta_ws)
+    nodes = _gauss_points(cfg, arm.variant.delta_ws)
+    points = [e for at in nodes.values() for e in at]
     per: list[dict[float, dict[str, dict[str, dict[str, Any]]]]] = []  # [trajectory][point][domain]
     groups: dict[float, dict[tuple[str, str], Any]] = {}  # trajectory 0's per-group predictions
     n_hvp, seconds, replay_error = 0, 0.0, math.nan
@@ -574,8 +585,7 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     for r in range(rc.trajectories):
         per.append({})
         for eps in points:
-            sched = [{k: base[k] + eps * unit[k][t] if k in unit else base[k] for k in base}
-                     for t in range(n)]
+            sched = shifted_schedule(base, unit, eps)
             ck = load_checkpoint(arm.checkpoint(t0), device=arm.device, with_optimizer=True)
 
             def train_batches(state: Mapping[str, Any] = ck.state["sampler"], r: int = r,
@@ -622,9 +632,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
            "seconds": seconds,
            "replay_rel_error": replay_error}
     if rc.cubic:
-        a = {dw: (points[2 * i], points[2 * i + 1]) for i, dw in enumerate(arm.variant.delta_ws)}
         out["cubic"] = True
-        out["by_delta_w"] = {delta_w_key(dw): combine(at) for dw, at in a.items()}
+        out["by_delta_w"] = {delta_w_key(dw): combine(at) for dw, at in nodes.items()}
     else:
         out["unit"] = combine([0.0]) if len(per) > 1 else per[0][0.0]
     if len(per) > 1 or rc.cubic:
