@@ -636,12 +636,14 @@ def _bins(n: int, bins: int) -> list[int]:
 def _window_dict(rep: Any, replay: dict[str, Any], end: int, mix_name: str, mix: dict[str, float],
                  threshold: float, bins: int) -> dict[str, Any]:
     """The JSON of one window: per target (each domain, the mix at the window's end) G_k(t) and its stderr
-    per step, in bins, and the window sums; the best weight shift of each target."""
+    per step, in bins, and the window sums (with a noise channel also their noise part, ``noise_sums``);
+    the best weight shift of each target."""
     names, n, s = rep.domains, rep.n_steps, rep.start
     targets = {**{d: {d: 1.0} for d in names}, mix_name: mix}
     edges = _bins(n, bins)
     wts = np.array([[float(w.get(d, 0.0)) for d in names] for w in rep.weights])  # [n, K]
     G, SE, BG, BSE, BZ, sums, shifts = {}, {}, {}, {}, {}, {}, {}
+    noise_sums: dict[str, Any] | None = None if rep.gn_groups is None else {}
     for t, tw in targets.items():
         smp = rep.samples(tw)  # [groups, K, n]
         g, se = rep.G(tw), rep.stderr(tw)
@@ -657,6 +659,9 @@ def _window_dict(rep: Any, replay: dict[str, Any], end: int, mix_name: str, mix:
             BZ[t] = {d: (bm[k] / bse[k]).tolist() for k, d in enumerate(names)}
         tot = smp.sum(axis=2)  # [groups, K]: dL/d(w_k raised at every step)
         sums[t] = {d: _est(tot[:, k]) for k, d in enumerate(names)}
+        if noise_sums is not None:
+            nt = rep.samples(tw, part="noise").sum(axis=2)
+            noise_sums[t] = {d: _est(nt[:, k]) for k, d in enumerate(names)}
         best = None  # moving weight from j to k at every step where j has weight (a feasible shift)
         for j, frm in enumerate(names):
             live = wts[:, j] > 0
@@ -680,7 +685,8 @@ def _window_dict(rep: Any, replay: dict[str, Any], end: int, mix_name: str, mix:
         "bins": {"edges": [s + x for x in edges], "G": BG, "stderr": BSE, "z": BZ,
                  "weights": {d: [float(np.mean([w.get(d, 0.0) for w in rep.weights[a:b]]))
                                  for a, b in zip(edges[:-1], edges[1:], strict=True)] for d in names}},
-        "window_sums": sums, "best_shift": shifts, "threshold": threshold, "dof": rep.n_groups - 1,
+        "window_sums": sums, "noise_sums": noise_sums, "best_shift": shifts, "threshold": threshold,
+        "dof": rep.n_groups - 1,
         "n_groups": rep.n_groups, "batch_size": rep.meta.get("batch_size"),
         "target_batches": rep.target_batches, "target_data": rep.meta.get("target_data"),
         "n_hvp": rep.n_hvp, "seconds": rep.seconds, "optimizer": rep.optimizer,
@@ -1290,6 +1296,12 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
                 rows.append([label] + [_pm(w["window_sums"][t][d], rth["t"]) for d in names] + [best])
             md += [_table(["L at the window's end", *[f"Σ_t G_{d}" for d in names], "best shift from → to"],
                           rows), ""]
+            if w.get("noise_sums"):
+                md += ["Of which through the training gradient's noise (the rows channel's own term; the "
+                       "rest acts through the gradient's mean):", "",
+                       _table(["L at the window's end", *[f"Σ_t G_{d}, noise" for d in names]],
+                              [[t] + [_pm(w["noise_sums"][t][d], rth["t"]) for d in names]
+                               for t in w["targets"]]), ""]
         if figures and any(not w.get("skipped") for w in wins):
             md += ["![schedule gradient](response.png)", "",
                    "*One panel per target, training step × domain, G averaged over bins of steps; blue: more "

@@ -166,6 +166,31 @@ def _linearity_caption(data: Mapping[str, Any]) -> str:
                    "adds it), and a flat line away from the dashed one is an error of the response itself.")
 
 
+def _parts_md(data: Mapping[str, Any]) -> list[str]:
+    """With a noise channel: the response per unit Δw split into its mean field and its noise term, per arm,
+    t0 (and Δw, with ``response.cubic``) and target; nothing where no window recorded the parts."""
+    recs = [(a, r) for a in data.get("arms", []) for r in a.get("responses", [])]
+    by_dw = any(r.get("by_delta_w") for _, r in recs)
+    rows = []
+    for a, r in recs:
+        for dw, unit in (r.get("by_delta_w") or {"": r.get("unit") or {}}).items():
+            for k, u in unit.items():
+                if "noise" in u and "mean_field" in u:
+                    rows.append([f"{a['optimizer']}/{a['variant']}", str(r["step"]), *([dw] if by_dw else []),
+                                 f"`{k}`", _pm(u["response"]), _pm(u["mean_field"]), _pm(u["noise"])])
+    if not rows:
+        return []
+    cols = ["arm", "t0", *(["Δw"] if by_dw else []), "target", "response per unit Δw",
+            "through the gradient's mean", "through its noise"]
+    return ["### The response's two parts", "",
+            "The noise channel splits the response into what the schedule does through the training "
+            "gradient's mean (the mean field, which the default response estimates alone) and through its "
+            "noise (boosting a domain also puts more of its gradient noise into those steps). Per unit Δw, "
+            "mean ± stderr; the two add up to the response. Where they are of opposite sign and similar "
+            "size, the order matters less than the mean field alone would say.", "",
+            _table(cols, rows), ""]
+
+
 def _bracket_target(data: Mapping[str, Any]) -> str:
     """What the bracket's target gradient was measured on (older results: training draws)."""
     return _target_clause(data, "checkpoints", "; g_L on the same validation batches",
@@ -583,6 +608,7 @@ def render_report(data: Mapping[str, Any], out_dir: str | Path, figures: bool = 
            "observed = predicted.", ""] if figures else []),
         *([f"![linearity]({figs['linearity']})", "", _linearity_caption(data), ""]
           if "linearity" in figs else []),
+        *_parts_md(data),
         "## The bracket in detail",
         "",
         "EL_i^12 = L_i(θ12) − L_i(θ_base(t0+2T)) on fixed validation batches; θ12 boosts domain 1 first "

@@ -59,6 +59,7 @@ __all__ = ["ResponseEstimator", "ResponseReport", "Replay", "NoiseMode"]
 
 NoiseMode = Literal["exact", "sample", "rows"]
 AdjointMode = Literal["fresh", "train"]
+Part = Literal["total", "noise", "mean_field"]
 
 TrainBatches = Sequence[Any] | Iterable[Any] | Callable[[int], Any]
 WeightsArg = Sequence[Mapping[str, float]] | Callable[[int], Mapping[str, float]]
@@ -515,7 +516,9 @@ class ResponseEstimator:
                 misses the Hessian noise's effect, which over a window is of the same order). Cost per step
                 per group: the fresh gradients without graphs, one graph gradient per domain on its training
                 rows and the M HVPs on it; the replay keeps the rows. A step where domain k has no rows
-                gets no noise term for it.
+                gets no noise term for it. Either channel's term is also kept on its own in the report
+                (``part="noise"`` of :meth:`ResponseReport.predict`; the rest, ``part="mean_field"``, is
+                what the schedule does through the gradient's mean).
             train_batch_size: B, the rows of one training batch (with ``noise="exact"`` or ``"sample"``).
             train_rows: with ``noise="rows"`` or ``adjoint="train"``: training batch -> {domain: that
                 domain's rows of it, a batch ``loss_fn`` takes} (absent or empty: no rows); for commute's
@@ -571,6 +574,8 @@ class ResponseEstimator:
             bt = 0
         g_groups = np.zeros((G, M, K, n))
         g0_groups = np.zeros((G, M, K, n))
+        # the noise channel's own part of G (the rest is the mean field's): kept apart for the report
+        gn_groups = np.zeros((G, M, K, n)) if noise_set is not None or noise == "rows" else None
         loss_groups = np.full((G, K), np.nan)
         world = estimate_world(distributed, self.device)
         split = GroupSplit(G, world)
@@ -612,8 +617,8 @@ class ResponseEstimator:
                 lam = [(lam_end[i], _zeros(m_end), _zeros(v_end)) for i in range(M)]
                 for t in range(n - 1, -1, -1):
                     lam = self._step_back(t, traj[t], ws[t], lrs[t], lam, lam_end, iters, used, b, noise_set,
-                                          noise == "rows",
-                                          g_groups[g, :, :, t], g0_groups[g, :, :, t])
+                                          noise == "rows", g_groups[g, :, :, t], g0_groups[g, :, :, t],
+                                          None if gn_groups is None else gn_groups[g, :, :, t])
                     bar.advance()
                 del lam, lam_end
         seconds = time.perf_counter() - t_begin
@@ -624,6 +629,7 @@ class ResponseEstimator:
             skipped = [g for g in range(G) if g not in split]
             loss_groups[skipped] = 0.0  # the owner's row (NaN where a domain is in no target) + zeros
             g_groups, g0_groups, loss_groups = (world.all_sum(x) for x in (g_groups, g0_groups, loss_groups))
+            gn_groups = None if gn_groups is None else world.all_sum(gn_groups)
             done = tuple(int(x) for x in world.all_sum(done))
             seconds, t_replay = (float(x) for x in world.all_max([seconds, t_replay]))
         if not (np.all(np.isfinite(g_groups)) and np.all(np.isfinite(g0_groups))):
@@ -651,6 +657,7 @@ class ResponseEstimator:
             g0_groups=g0_groups,
             loss_groups=loss_groups,
             weights=[dict(zip(domains, row, strict=True)) for row in ws],
+            gn_groups=gn_groups,
             lrs=list(lrs),
             start=int(start),
             optimizer=self._hp.name,
@@ -793,10 +800,12 @@ class ResponseEstimator:
         rows_noise: bool,
         out: np.ndarray,
         out0: np.ndarray,
+        out_noise: np.ndarray | None = None,
     ) -> list[tuple[Leaves, Leaves | None, Leaves | None]]:
         """One step back for one group: G(t) into ``out[M, K]``, G0(t) into ``out0``; returns lambda_t.
         With the training rows in ``z`` (``adjoint="train"``) lambda_t goes through their Hessian, and with
-        ``rows_noise`` G(t) also gets the rows channel's noise term."""
+        ``rows_noise`` G(t) also gets the rows channel's noise term; a noise channel's term is also added to
+        ``out_noise``."""
         p0, m0, v0, g0 = (self._load(x) for x in z[:4])
         own = z[4]  # adjoint="train" (the rows channel's): the training batch's rows by domain index
         step = self.state.step + t
@@ -879,7 +888,10 @@ class ResponseEstimator:
                 if rows_noise and w[k] > 0:
                     c = 0.5 * n_k / (B * w[k])
                     for i in range(len(pulled)):
-                        out[i, k] += c * (_dot(vecs[i], gt) - _dot(vecs[i], gk[k]))
+                        term = c * (_dot(vecs[i], gt) - _dot(vecs[i], gk[k]))
+                        out[i, k] += term
+                        if out_noise is not None:
+                            out_noise[i, k] += term
                 if need_h:
                     self.n_hvp += len(vecs)
                     for acc, h in zip(hv, graph_hvps(gs, q, vecs), strict=True):
@@ -890,7 +902,10 @@ class ResponseEstimator:
             dvar = self._variance_derivative(w, gk, sq, shift, rows, b, noise)
             for i in range(len(pulled)):
                 for k in range(len(w)):
-                    out[i, k] += _dot(curv[i], dvar[k])
+                    term = _dot(curv[i], dvar[k])
+                    out[i, k] += term
+                    if out_noise is not None:
+                        out_noise[i, k] += term
         return [(tuple(ap + h for ap, h in zip(a[0], hv[i], strict=True)), a[1], a[2])
                 for i, a in enumerate(pulled)]
 
@@ -970,9 +985,12 @@ class ResponseReport(JsonRoundTrip):
     """Result of :meth:`ResponseEstimator.estimate`: per-group samples of G and G0 and what they predict.
 
     ``g_groups[g, m, k, t]`` = G_k(t) for basis target m (weights ``target_weights[m]``) in group g;
-    ``g0_groups`` the same for the alignment baseline G0. Window step t is training step ``start + t``.
-    Every derived quantity (a prediction, a sum over steps, another target in the span of the estimated
-    ones) is computed per group first, so its stderr carries the right covariances.
+    ``g0_groups`` the same for the alignment baseline G0. With a noise channel (``noise=`` of
+    :meth:`ResponseEstimator.estimate`) ``gn_groups`` holds its own part of G, the sampling noise's effect
+    (G = mean field + noise; ``part=`` of :meth:`samples` and :meth:`predict`); else None. Window step t is
+    training step ``start + t``. Every derived quantity (a prediction, a sum over steps, another target in
+    the span of the estimated ones, a part) is computed per group first, so its stderr carries the right
+    covariances.
     """
 
     json_kind = "response report"
@@ -998,6 +1016,7 @@ class ResponseReport(JsonRoundTrip):
     seconds: float = 0.0
     replay_seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    gn_groups: np.ndarray | None = None
 
     @property
     def n_steps(self) -> int:
@@ -1021,9 +1040,20 @@ class ResponseReport(JsonRoundTrip):
                                f"{list(self.targets)}; estimate it.")
         return a
 
-    def samples(self, target: str | Mapping[str, float], baseline: bool = False) -> np.ndarray:
-        """``[groups, K, steps]``: the per-group G_k(t) of ``target`` (G0 with ``baseline=True``)."""
-        arr = self.g0_groups if baseline else self.g_groups
+    def samples(self, target: str | Mapping[str, float], baseline: bool = False,
+                part: Part = "total") -> np.ndarray:
+        """``[groups, K, steps]``: the per-group G_k(t) of ``target`` (G0 with ``baseline=True``).
+        ``part``: ``"total"``; with a noise channel also ``"noise"`` (its term alone: how the schedule acts
+        through the training gradient's noise) or ``"mean_field"`` (the rest: through its mean)."""
+        if part not in ("total", "noise", "mean_field"):
+            raise CommuteError(f"part must be 'total', 'noise' or 'mean_field', got {part!r}.")
+        if part != "total" and baseline:
+            raise CommuteError("the alignment baseline has no noise part: ask for part='total'.")
+        if part != "total" and self.gn_groups is None:
+            raise CommuteError("the response's noise and mean-field parts exist only for an estimate with a "
+                               "noise channel (noise='rows', 'exact' or 'sample').")
+        arr = (self.g0_groups if baseline else self.g_groups if part == "total" else self.gn_groups
+               if part == "noise" else self.g_groups - self.gn_groups)
         return np.einsum("gmkt,m->gkt", arr, self._coefficients(target))
 
     def G(self, target: str | Mapping[str, float]) -> dict[str, np.ndarray]:
@@ -1075,20 +1105,22 @@ class ResponseReport(JsonRoundTrip):
         return out
 
     def predict(self, target: str | Mapping[str, float], delta_w: Mapping[str, Any],
-                baseline: bool = False) -> Estimate:
+                baseline: bool = False, part: Part = "total") -> Estimate:
         """First-order change of L(theta_end) for a schedule change dw (docs/design.md §1b)::
 
             Delta L = sum_t sum_k dw_k(t) G_k(t) + O(dw^2)
 
         ``delta_w``: domain -> dw_k(t) over the window's steps (absent domains: 0). Mean +- stderr over
-        groups; ``baseline=True`` gives the alignment baseline's prediction (G0).
+        groups; ``baseline=True`` gives the alignment baseline's prediction (G0); ``part`` one part of G
+        (:meth:`samples`): with a noise channel, the change through the gradient's mean and through its
+        noise, which add up to the total.
         """
-        return Estimate.from_samples(self.predict_samples(target, delta_w, baseline))
+        return Estimate.from_samples(self.predict_samples(target, delta_w, baseline, part))
 
     def predict_samples(self, target: str | Mapping[str, float], delta_w: Mapping[str, Any],
-                        baseline: bool = False) -> np.ndarray:
+                        baseline: bool = False, part: Part = "total") -> np.ndarray:
         """``[groups]``: :meth:`predict`'s sum_t sum_k dw_k(t) G_k(t) per group."""
-        return np.einsum("gkt,kt->g", self.samples(target, baseline), self._delta(delta_w))
+        return np.einsum("gkt,kt->g", self.samples(target, baseline, part), self._delta(delta_w))
 
     def predict_alignment(self, target: str | Mapping[str, float], delta_w: Mapping[str, Any]) -> Estimate:
         """:meth:`predict` with the first-order alignment baseline G0 (no curvature, no optimiser carry)."""
@@ -1118,9 +1150,14 @@ class ResponseReport(JsonRoundTrip):
     # ---- (de)serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict: settings, per-group samples, and each target's window sums per domain."""
-        summary = {t: {d: {"G": self.predict(t, {d: np.ones(self.n_steps)}).to_dict(),
-                           "G0": self.predict_alignment(t, {d: np.ones(self.n_steps)}).to_dict()}
-                       for d in self.domains} for t in self.targets}
+        def sums(t: str, d: str) -> dict[str, Any]:
+            ones = {d: np.ones(self.n_steps)}
+            out = {"G": self.predict(t, ones).to_dict(), "G0": self.predict_alignment(t, ones).to_dict()}
+            if self.gn_groups is not None:
+                out["noise"] = self.predict(t, ones, part="noise").to_dict()
+            return out
+
+        summary = {t: {d: sums(t, d) for d in self.domains} for t in self.targets}
         return {
             "format": "commute.response_report/1",
             "domains": list(self.domains),
@@ -1146,6 +1183,7 @@ class ResponseReport(JsonRoundTrip):
             "loss_groups": [[None if math.isnan(x) else x for x in row] for row in self.loss_groups.tolist()],
             "g_groups": self.g_groups.tolist(),
             "g0_groups": self.g0_groups.tolist(),
+            **({} if self.gn_groups is None else {"gn_groups": self.gn_groups.tolist()}),
         }
 
     @classmethod
@@ -1177,9 +1215,12 @@ class ResponseReport(JsonRoundTrip):
                 seconds=float(d.get("seconds", 0.0)),
                 replay_seconds=float(d.get("replay_seconds", 0.0)),
                 meta=dict(d.get("meta", {})),
+                gn_groups=(None if d.get("gn_groups") is None
+                           else np.asarray(d["gn_groups"], dtype=np.float64)),
             )
             G, M, K, n = rep.g_groups.shape
             if (rep.g0_groups.shape != rep.g_groups.shape or (M, K) != rep.target_weights.shape
+                    or (rep.gn_groups is not None and rep.gn_groups.shape != rep.g_groups.shape)
                     or K != len(rep.domains) or M != len(rep.targets) or len(rep.weights) != n
                     or len(rep.lrs) != n or rep.loss_groups.shape != (G, K)):
                 raise ValueError("inconsistent shapes")
@@ -1197,7 +1238,10 @@ class ResponseReport(JsonRoundTrip):
             lines.append(f"L = {t}   (L(theta_end) = {self.loss(t)})")
             for d in self.domains:
                 ones = {d: np.ones(self.n_steps)}
-                lines.append(f"  {d:<{w}}  response {self.predict(t, ones)}   "
+                parts = ("" if self.gn_groups is None else
+                         f" (mean field {self.predict(t, ones, part='mean_field')}, noise "
+                         f"{self.predict(t, ones, part='noise')})")
+                lines.append(f"  {d:<{w}}  response {self.predict(t, ones)}{parts}   "
                              f"alignment {self.predict_alignment(t, ones)}")
         lines.append(f"{self.n_groups} groups x {self.batches_per_step} fresh batch(es) per domain per step; "
                      f"{self.n_grad} gradients, {self.n_graph} graph gradients, {self.n_hvp} HVPs; "

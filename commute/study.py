@@ -582,6 +582,8 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     noise = ({"noise": "rows", **rows} if channel == "rows" else
              {"noise": tc.sampler_mode, "train_batch_size": tc.batch_size} if channel else
              {"adjoint": "train", **rows} if adjoint == "train" else {})
+    # with a noise channel its term is also recorded alone, and the rest (the mean field's), per unit Δw
+    parts = ("response", "alignment", *(("mean_field", "noise") if channel else ()))
     for r in range(rc.trajectories):
         per.append({})
         for eps in points:
@@ -606,11 +608,10 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
                                    n_groups=rc.n_groups, batches_per_step=rc.batches_per_step,
                                    target_data={k: val[k] for k in names}, **noise)
             n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
-            per[r][eps] = {k: {"response": rep.predict(k, unit).to_dict(),
-                               "alignment": rep.predict_alignment(k, unit).to_dict()} for k in names}
+            per[r][eps] = {k: {p: Estimate.from_samples(_part_samples(rep, k, unit, p)).to_dict()
+                               for p in parts} for k in names}
             if r == 0:  # per-group predictions: one trajectory's points share their fresh batches
-                groups[eps] = {(k, p): rep.predict_samples(k, unit, baseline=p == "alignment")
-                               for k in names for p in ("response", "alignment")}
+                groups[eps] = {(k, p): _part_samples(rep, k, unit, p) for k in names for p in parts}
 
     def combine(at: Sequence[float]) -> dict[str, dict[str, Any]]:
         """Per target and predictor: the mean over ``at``'s points of each trajectory, then over
@@ -623,7 +624,7 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
                 return Estimate(statistics.fmean(x), se, len(x)).to_dict()
             return Estimate.from_samples(sum(groups[e][k, p] for e in at) / len(at)).to_dict()
 
-        return {k: {p: one(k, p) for p in ("response", "alignment")} for k in names}
+        return {k: {p: one(k, p) for p in parts} for k in names}
 
     out = {"step": t0, "target": "val", "n_groups": rc.n_groups, "batch_size": rc.batch_size,
            "trajectories": rc.trajectories,
@@ -640,6 +641,14 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
         out["per_trajectory"] = ([t[0.0] for t in per] if not rc.cubic else
                                  [{delta_w_key(e): t[e] for e in points} for t in per])
     return out
+
+
+def _part_samples(rep: Any, target: str, unit: Mapping[str, Any], part: str) -> Any:
+    """Per-group Σ_t δw(t)·G(t) of one predictor or part of the response: ``"response"``, ``"alignment"``
+    (G0), ``"mean_field"`` or ``"noise"`` (a noise channel's own term and the rest)."""
+    if part in ("response", "alignment"):
+        return rep.predict_samples(target, unit, baseline=part == "alignment")
+    return rep.predict_samples(target, unit, part=part)
 
 
 def _noise_channel(arm: Arm) -> str | None:

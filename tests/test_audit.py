@@ -342,9 +342,14 @@ def test_training_rows_adjoint_replays_a_step_as_one_batch_of_its_rows(how, audi
         for k in names:
             np.testing.assert_allclose(win["G"][t][k], G[k], rtol=1e-6, atol=1e-12)
         assert not np.allclose(win["G"][t]["a"], default["G"][t]["a"], rtol=1e-3, atol=0)
+        if "response_noise" in how:  # the window sums' noise part: the hand-wired estimate's own term
+            noise = rep.samples(tw, part="noise").sum(axis=2).mean(axis=0)
+            np.testing.assert_allclose([win["noise_sums"][t][k]["mean"] for k in names], noise,
+                                       rtol=1e-6, atol=1e-12)
+    assert (win["noise_sums"] is None) == ("response_noise" not in how) and default["noise_sums"] is None
     md = (tmp_path / "out" / "report.md").read_text()
     assert "the training rows' own Hessians" in md and ("rows channel's noise term" in md) == (
-        "response_noise" in how)
+        "response_noise" in how) == ("Σ_t G_a, noise" in md)
 
 
 def test_training_rows_adjoint_needs_a_batch_mean_loss(corpora, tmp_path) -> None:

@@ -36,6 +36,8 @@ WEIGHTS = [{"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 0.4, "b": 0.4, "c": 0.2}, {"a":
 # 3 groups: the ranks do 2 and 1; "c" is in no target, so its loss_groups column is NaN
 ESTIMATE = dict(targets=["a", "b"], n_groups=3, batches_per_step=1, target_batches=2)
 HELD = dict(targets=["a", "b"], n_groups=3, batches_per_step=1)  # with held_out() as target_data
+# with Adam's variance channel: its own part of G (gn_groups) is summed over the ranks as well
+NOISE = dict(ESTIMATE, batches_per_step=2, noise="exact", train_batch_size=12)
 RUN_OUT = 8  # rank 1's batches per stream in the failing estimate: it runs out inside its group 1
 
 
@@ -93,7 +95,8 @@ WORKER = textwrap.dedent("""
 
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
-    from test_distributed_response import ESTIMATE, HELD, RUN_OUT, WEIGHTS, estimator, held_out, train_batches
+    from test_distributed_response import (ESTIMATE, HELD, NOISE, RUN_OUT, WEIGHTS, estimator, held_out,
+                                           train_batches)
 
     from commute import distributed
     from commute.errors import CommuteError
@@ -106,6 +109,8 @@ WORKER = textwrap.dedent("""
     rep.to_json(root / f"response_rank{world.rank}.json")
     rep = estimator().estimate(train_batches(), WEIGHTS, **HELD, target_data=held_out(), distributed=True)
     rep.to_json(root / f"response_td_rank{world.rank}.json")
+    rep = estimator().estimate(train_batches(), WEIGHTS, **NOISE, distributed=True)
+    rep.to_json(root / f"response_noise_rank{world.rank}.json")
     # only rank 1's streams run out: both ranks must raise (rank 0 at the collective), neither may hang
     try:
         estimator(RUN_OUT if world.rank == 1 else None).estimate(train_batches(), WEIGHTS, **ESTIMATE,
@@ -150,6 +155,15 @@ def test_distributed_response_estimate_equals_one_process(launched, held: bool) 
         assert rep.meta["world_size"] == WORLD and "world_size" not in one.meta
         assert {k: v for k, v in rep.meta.items() if k != "world_size"} == one.meta
         assert str(rep.predict("a", {"b": np.ones(rep.n_steps)})) == str(one.predict("a", {"b": np.ones(4)}))
+
+
+def test_distributed_noise_part_equals_one_process(launched) -> None:
+    """With a noise channel the report's noise part (gn_groups) is gathered like G: bit for bit."""
+    one = estimator().estimate(train_batches(), WEIGHTS, **NOISE)
+    assert one.gn_groups is not None and np.all(one.gn_groups != 0)
+    for r in range(WORLD):
+        rep = ResponseReport.from_json(launched / f"response_noise_rank{r}.json")
+        assert np.array_equal(rep.g_groups, one.g_groups) and np.array_equal(rep.gn_groups, one.gn_groups)
 
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank(launched) -> None:

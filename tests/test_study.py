@@ -652,6 +652,15 @@ def test_response_rows_noise_channel_in_the_study(tmp_path: Path) -> None:
                                                         b["unit"][k]["response"]["mean"])
     assert len(list(tmp_path.rglob("response_*.json"))) == 3
     assert "`response.adjoint: train`" in r2.report_path.read_text()
+    # the rows channel's two parts: the rest of it is the training-rows adjoint's mean field, estimated on
+    # the same batches (truth: the third run), and its noise term; only the channel records them
+    for k in ("a", "b"):
+        u = b["unit"][k]
+        assert u["mean_field"]["mean"] == pytest.approx(c["unit"][k]["response"]["mean"], rel=1e-9, abs=1e-15)
+        assert u["mean_field"]["mean"] + u["noise"]["mean"] == pytest.approx(u["response"]["mean"], rel=1e-9)
+        assert abs(u["noise"]["mean"]) > 0 and "noise" not in a["unit"][k] and "noise" not in c["unit"][k]
+    assert "The response's two parts" in r1.report_path.read_text()
+    assert "two parts" not in r0.report_path.read_text() + r2.report_path.read_text()
     for bad, match in (({"adjoint": "realised"}, "response.adjoint must be"),
                        ({"adjoint": "train", "noise": "variance", "batches_per_step": 2}, "not with the")):
         with pytest.raises(CommuteError, match=match):
