@@ -846,7 +846,8 @@ def audit_run(
     ``excess_per_delta``, ``locality``; ``response`` {enabled, windows, windows_available, threshold}, each
     window with ``start``, ``end``, ``skipped`` (a reason or None), ``replay`` {rel_error}, ``targets``,
     ``weights`` and ``lrs`` per step, ``G`` and ``stderr`` {target: {domain: per step}}, ``bins`` {edges, G,
-    stderr, z, weights}, ``window_sums``, ``best_shift`` {target: {from, to, mean, stderr, t, steps,
+    stderr, z, weights}, ``window_sums``, ``noise_sums`` (with ``response_noise="rows"``: the window sums'
+    noise part, same layout; else null), ``best_shift`` {target: {from, to, mean, stderr, t, steps,
     significant}}, ``adjoint`` (fresh or train), ``noise`` (rows or null); ``recommendations`` [{kind
     (optimality, response, order or none), text, evidence, ...}];
     ``settings``, ``meaning``, ``seconds``, ``files``. Non-finite numbers are written as null.
@@ -1296,6 +1297,9 @@ def render_audit(data: dict[str, Any], out_dir: str | os.PathLike[str],
                 rows.append([label] + [_pm(w["window_sums"][t][d], rth["t"]) for d in names] + [best])
             md += [_table(["L at the window's end", *[f"Σ_t G_{d}" for d in names], "best shift from → to"],
                           rows), ""]
+            if w.get("noise") and not w.get("noise_sums"):
+                md += ["(This window was estimated before the noise part was kept apart: delete its file in "
+                       "`cache/` to see it.)", ""]
             if w.get("noise_sums"):
                 md += ["Of which through the training gradient's noise (the rows channel's own term; the "
                        "rest acts through the gradient's mean):", "",

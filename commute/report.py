@@ -10,7 +10,8 @@ re-training. Layout of ``data``::
                "checkpoints": [{"step", "L", "P": {target: {"mean", "stderr", "n"}}, "gamma", "lambda_max",
                                 "target": "val" (g_L on the validation batches; absent in older results)}],
                "responses": [{"step", "target": "val", "unit": {d: {"response", "alignment"}}, ...}
-                             (with response.cubic "by_delta_w": {Δw: {d: {...}}} instead of "unit")],
+                             (with response.cubic "by_delta_w": {Δw: {d: {...}}} instead of "unit"; with a
+                             noise channel also "mean_field" and "noise" beside "response")],
                "cells": [{"t0", "delta_w", "T", "L_t0", "L_base", "L12", "L21", "tokens", "tokens_match",
                           "locality", "per_domain": {d: {"EL12", "EL21", "antisym", "pred",
                                                          "pred_stderr", "z", "agree"}}}]}],
@@ -171,6 +172,9 @@ def _parts_md(data: Mapping[str, Any]) -> list[str]:
     t0 (and Δw, with ``response.cubic``) and target; nothing where no window recorded the parts."""
     recs = [(a, r) for a in data.get("arms", []) for r in a.get("responses", [])]
     by_dw = any(r.get("by_delta_w") for _, r in recs)
+    stale = sum(1 for _, r in recs if r.get("noise") and not any(
+        "noise" in u for unit in (r.get("by_delta_w") or {"": r.get("unit") or {}}).values()
+        for u in unit.values()))
     rows = []
     for a, r in recs:
         for dw, unit in (r.get("by_delta_w") or {"": r.get("unit") or {}}).items():
@@ -178,17 +182,20 @@ def _parts_md(data: Mapping[str, Any]) -> list[str]:
                 if "noise" in u and "mean_field" in u:
                     rows.append([f"{a['optimizer']}/{a['variant']}", str(r["step"]), *([dw] if by_dw else []),
                                  f"`{k}`", _pm(u["response"]), _pm(u["mean_field"]), _pm(u["noise"])])
+    note = ([f"({stale} window(s) with a noise channel were estimated before its part was kept apart: "
+             "delete their `response_*.json` cache files to see them here.)", ""] if stale else [])
     if not rows:
-        return []
+        return ["### The response's two parts", "", *note] if note else []
     cols = ["arm", "t0", *(["Δw"] if by_dw else []), "target", "response per unit Δw",
             "through the gradient's mean", "through its noise"]
     return ["### The response's two parts", "",
             "The noise channel splits the response into what the schedule does through the training "
-            "gradient's mean (the mean field, which the default response estimates alone) and through its "
-            "noise (boosting a domain also puts more of its gradient noise into those steps). Per unit Δw, "
-            "mean ± stderr; the two add up to the response. Where they are of opposite sign and similar "
-            "size, the order matters less than the mean field alone would say.", "",
-            _table(cols, rows), ""]
+            "gradient's mean (the mean field: with the rows channel the estimate of `response.adjoint: "
+            "train`, with Adam's variance channel the default estimate) and through its noise (boosting a "
+            "domain also puts more of its gradient noise into those steps). Per unit Δw, mean ± stderr; the "
+            "two add up to the response. Where they are of opposite sign and similar size, the order matters "
+            "less than the mean field alone would say.", "",
+            _table(cols, rows), "", *note]
 
 
 def _bracket_target(data: Mapping[str, Any]) -> str:

@@ -1050,7 +1050,9 @@ class ResponseReport(JsonRoundTrip):
         if part != "total" and baseline:
             raise CommuteError("the alignment baseline has no noise part: ask for part='total'.")
         if part != "total" and self.gn_groups is None:
-            raise CommuteError("the response's noise and mean-field parts exist only for an estimate with a "
+            raise CommuteError("this estimate predates keeping the noise channel's part apart: re-estimate "
+                               "it to split it." if self.meta.get("noise") else
+                               "the response's noise and mean-field parts exist only for an estimate with a "
                                "noise channel (noise='rows', 'exact' or 'sample').")
         arr = (self.g0_groups if baseline else self.g_groups if part == "total" else self.gn_groups
                if part == "noise" else self.g_groups - self.gn_groups)
@@ -1127,10 +1129,12 @@ class ResponseReport(JsonRoundTrip):
         return self.predict(target, delta_w, baseline=True)
 
     def predict_intervention(self, target: str | Mapping[str, float], intervention: Intervention,
-                             start: int | None = None, baseline: bool = False) -> Estimate:
+                             start: int | None = None, baseline: bool = False,
+                             part: Part = "total") -> Estimate:
         """The antisymmetric excess (EL^12 - EL^21)/2 of an eq. 9/10 intervention, to first order
         (:func:`antisymmetric_excess`, docs/design.md §1b): sum dw^12 G over the window, dw from
-        :func:`intervention_delta` (window step 0 = training step ``start``, default the report's).
+        :func:`intervention_delta` (window step 0 = training step ``start``, default the report's);
+        ``baseline`` and ``part`` as :meth:`predict`.
 
         The response is taken at the report's schedule, which must be the intervention's base over the
         intervention's steps (else it would predict a different experiment).
@@ -1145,7 +1149,7 @@ class ResponseReport(JsonRoundTrip):
                                    f"for {', '.join(map(repr, sorted(off)))}; estimate the response at that "
                                    "base.")
         dw = intervention_delta(intervention, self.n_steps, start)
-        return self.predict(target, dw, baseline)
+        return self.predict(target, dw, baseline, part)
 
     # ---- (de)serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

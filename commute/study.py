@@ -560,7 +560,10 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
     Δw/√3, and their mean is the prediction for Δw (``by_delta_w``): f(Δw) = ½ ∫_{−Δw}^{Δw} L'(ε) dε for
     f = (EL^12 − EL^21)/2 and L(ε) the loss after the schedule base + ε·δw(t), and the two-point Gauss rule
     ∫ ≈ Δw [L'(a) + L'(−a)] is exact for L' cubic: f/Δw to O(Δw⁴), where the first-order answer L'(0) is
-    off by O(Δw²)."""
+    off by O(Δw²).
+
+    With a noise channel each estimate also records its two parts, ``mean_field`` and ``noise`` (they add up
+    to ``response``: what the schedule does through the training gradient's mean and through its noise)."""
     from commute.estimate import Estimate
     from commute.model import lm_loss
     from commute.response_estimator import ResponseEstimator

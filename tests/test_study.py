@@ -624,8 +624,9 @@ def test_response_rows_noise_channel_in_the_study(tmp_path: Path) -> None:
     """response.noise: rows reaches the estimator (recorded, cached under its own key beside the plain
     estimate) and moves the response only: the curvature-free alignment, which has no noise channel, is the
     plain estimate's bit for bit (same fresh streams)."""
-    plain = _micro_config(tmp_path)
-    plain = StudyConfig.from_dict({**plain.to_dict(), "optimizers": ["sgd"], "locality": {"enabled": False}})
+    plain = _micro_config(tmp_path)  # two trajectories: the parts are combined over them as the response is
+    plain = StudyConfig.from_dict({**plain.to_dict(), "optimizers": ["sgd"], "locality": {"enabled": False},
+                                   "response": {**plain.to_dict()["response"], "trajectories": 2}})
     rows = StudyConfig.from_dict({**plain.to_dict(), "response": {**plain.to_dict()["response"],
                                                                    "noise": "rows"}})
     cache = tmp_path / "cache"
@@ -1097,3 +1098,20 @@ def test_replay_sentence_says_how_exactly_the_windows_were_reproduced() -> None:
     assert "at most 3.0e-07 (2 windows)" in _replay_md(data(0.0, 3e-7))[1]
     assert "could not be measured" in _replay_md(data(1e-8, math.nan))[1]
     assert _replay_md({"arms": [{"responses": [{}]}]}) == []
+
+
+def test_parts_table_names_windows_estimated_before_the_parts_were_kept() -> None:
+    """A noise-channel window whose record has no parts (an older cache) is not dropped silently."""
+    from commute.report import _parts_md
+
+    est = {"mean": 0.1, "stderr": 0.01, "n": 2}
+    new = {"step": 4, "noise": "rows", "unit": {"a": {"response": est, "alignment": est, "mean_field": est,
+                                                       "noise": est}}}
+    old = {"step": 8, "noise": "rows", "unit": {"a": {"response": est, "alignment": est}}}
+    plain = {"step": 8, "noise": False, "unit": {"a": {"response": est, "alignment": est}}}
+    arm = {"optimizer": "adam", "variant": "balanced"}
+    md = "\n".join(_parts_md({"arms": [{**arm, "responses": [new, old]}]}))
+    assert "| adam/balanced | 4 | `a` |" in md and "1 window(s) with a noise channel" in md
+    assert "| adam/balanced | 8 |" not in md
+    assert _parts_md({"arms": [{**arm, "responses": [plain]}]}) == []
+    assert "1 window(s)" in "\n".join(_parts_md({"arms": [{**arm, "responses": [old]}]}))
