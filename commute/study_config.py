@@ -318,8 +318,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lambda_iters": 20,
         "replicates": 5,
         # the rows channel: late in this preset's run the gradient noise's effect is as large as the mean
-        # field's (README, "Measured (small preset…)"; measured on the Adam arms); on ``tiny`` the default
-        # is better
+        # field's (README, "Measured (small preset…)": Adam; SGD orders almost nothing there with either);
+        # on ``tiny`` the default is better
         "response": {"n_groups": 2, "batch_size": 10, "trajectories": 4, "noise": "rows"},
         "locality": {"T_grid": [40, 20, 10, 5], "lr_times_lambda": [0.001, 0.05, 0.5], "delta_w": 0.3,
                      "batch_size": 16},
