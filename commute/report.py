@@ -172,16 +172,14 @@ def _parts_md(data: Mapping[str, Any]) -> list[str]:
     t0 (and Δw, with ``response.cubic``) and target; nothing where no window recorded the parts."""
     recs = [(a, r) for a in data.get("arms", []) for r in a.get("responses", [])]
     by_dw = any(r.get("by_delta_w") for _, r in recs)
-    stale = sum(1 for _, r in recs if r.get("noise") and not any(
-        "noise" in u for unit in (r.get("by_delta_w") or {"": r.get("unit") or {}}).values()
-        for u in unit.values()))
-    rows = []
+    rows, stale = [], 0
     for a, r in recs:
-        for dw, unit in (r.get("by_delta_w") or {"": r.get("unit") or {}}).items():
-            for k, u in unit.items():
-                if "noise" in u and "mean_field" in u:
-                    rows.append([f"{a['optimizer']}/{a['variant']}", str(r["step"]), *([dw] if by_dw else []),
-                                 f"`{k}`", _pm(u["response"]), _pm(u["mean_field"]), _pm(u["noise"])])
+        found = [[f"{a['optimizer']}/{a['variant']}", str(r["step"]), *([dw] if by_dw else []), f"`{k}`",
+                  _pm(u["response"]), _pm(u["mean_field"]), _pm(u["noise"])]
+                 for dw, unit in (r.get("by_delta_w") or {"": r.get("unit") or {}}).items()
+                 for k, u in unit.items() if "noise" in u and "mean_field" in u]
+        stale += bool(r.get("noise")) and not found
+        rows += found
     note = ([f"({stale} window(s) with a noise channel were estimated before its part was kept apart: "
              "delete their `response_*.json` cache files to see them here.)", ""] if stale else [])
     if not rows:

@@ -611,10 +611,11 @@ def _response_at(arm: Arm, domains: Mapping[str, Any], val: Mapping[str, list[Te
                                    n_groups=rc.n_groups, batches_per_step=rc.batches_per_step,
                                    target_data={k: val[k] for k in names}, **noise)
             n_hvp, seconds = n_hvp + rep.n_hvp, seconds + rep.seconds
-            per[r][eps] = {k: {p: Estimate.from_samples(_part_samples(rep, k, unit, p)).to_dict()
-                               for p in parts} for k in names}
+            samples = {(k, p): _part_samples(rep, k, unit, p) for k in names for p in parts}
+            per[r][eps] = {k: {p: Estimate.from_samples(samples[k, p]).to_dict() for p in parts}
+                           for k in names}
             if r == 0:  # per-group predictions: one trajectory's points share their fresh batches
-                groups[eps] = {(k, p): _part_samples(rep, k, unit, p) for k in names for p in parts}
+                groups[eps] = samples
 
     def combine(at: Sequence[float]) -> dict[str, dict[str, Any]]:
         """Per target and predictor: the mean over ``at``'s points of each trajectory, then over
